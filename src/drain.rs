@@ -1,0 +1,230 @@
+//! Connection tracking and draining: a guard per connection, a signal that
+//! tells connections to finish up, and a bounded wait that cuts whatever is
+//! left at the deadline.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Tracks open connections and drains them with a deadline.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::time::Duration;
+/// let drain = handoff::Drain::new();
+/// let guard = drain.track();
+/// tokio::spawn(async move {
+///     guard.draining().await; // finish the current request, then close
+///     drop(guard);
+/// });
+/// let report = drain.drain(Duration::from_secs(5), std::future::pending()).await;
+/// assert_eq!(report.cut, 0);
+/// # }
+/// ```
+#[derive(Clone, Default)]
+pub struct Drain {
+    inner: Arc<Shared>,
+}
+
+#[derive(Default)]
+struct Shared {
+    active: AtomicUsize,
+    idle: Notify,
+    draining: CancellationToken,
+    cut: CancellationToken,
+}
+
+/// Held by one connection for as long as it is open.
+///
+/// ```
+/// let drain = handoff::Drain::new();
+/// let guard = drain.track();
+/// assert_eq!(drain.active(), 1);
+/// drop(guard);
+/// assert_eq!(drain.active(), 0);
+/// ```
+pub struct ConnectionGuard {
+    inner: Arc<Shared>,
+}
+
+/// The outcome of [`Drain::drain`].
+///
+/// ```
+/// let report = handoff::DrainReport { waited: std::time::Duration::ZERO, cut: 0, forced: false };
+/// assert!(report.is_clean());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainReport {
+    /// How long the drain waited.
+    pub waited: Duration,
+    /// Connections still open when the wait ended; told to close at once.
+    pub cut: usize,
+    /// Whether the wait ended early because draining was forced.
+    pub forced: bool,
+}
+
+impl DrainReport {
+    /// True if every connection finished by itself.
+    pub fn is_clean(&self) -> bool {
+        self.cut == 0
+    }
+}
+
+impl std::fmt::Debug for Drain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Drain")
+            .field("active", &self.active())
+            .field("draining", &self.is_draining())
+            .finish()
+    }
+}
+
+impl Drain {
+    /// A tracker with no connections.
+    ///
+    /// ```
+    /// assert_eq!(handoff::Drain::new().active(), 0);
+    /// ```
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers one connection until the guard is dropped.
+    ///
+    /// ```
+    /// let drain = handoff::Drain::new();
+    /// let _guard = drain.track();
+    /// assert_eq!(drain.active(), 1);
+    /// ```
+    pub fn track(&self) -> ConnectionGuard {
+        self.inner.active.fetch_add(1, Ordering::SeqCst);
+        ConnectionGuard {
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// The number of open connections.
+    ///
+    /// ```
+    /// assert_eq!(handoff::Drain::new().active(), 0);
+    /// ```
+    pub fn active(&self) -> usize {
+        self.inner.active.load(Ordering::SeqCst)
+    }
+
+    /// Whether [`drain`](Self::drain) has begun.
+    ///
+    /// ```
+    /// assert!(!handoff::Drain::new().is_draining());
+    /// ```
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.is_cancelled()
+    }
+
+    /// Tells every connection to finish up ([`ConnectionGuard::draining`]),
+    /// then waits until all are closed, `timeout` passes, or `force`
+    /// resolves. Connections still open then are told to close at once
+    /// ([`ConnectionGuard::cut`]) and counted in the report.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use std::time::Duration;
+    /// let drain = handoff::Drain::new();
+    /// let stuck = drain.track();
+    /// let report = drain.drain(Duration::from_millis(10), std::future::pending()).await;
+    /// assert_eq!(report.cut, 1);
+    /// # drop(stuck);
+    /// # }
+    /// ```
+    pub async fn drain(&self, timeout: Duration, force: impl Future<Output = ()>) -> DrainReport {
+        let start = Instant::now();
+        self.inner.draining.cancel();
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline, force);
+        let forced = loop {
+            let idle = self.inner.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.active() == 0 {
+                break false;
+            }
+            tokio::select! {
+                () = &mut idle => {}
+                () = &mut deadline => break false,
+                () = &mut force => break true,
+            }
+        };
+        let cut = self.active();
+        if cut > 0 {
+            self.inner.cut.cancel();
+        }
+        DrainReport {
+            waited: start.elapsed(),
+            cut,
+            forced,
+        }
+    }
+}
+
+impl ConnectionGuard {
+    /// Resolves when draining begins: finish the request in progress, then
+    /// close (an idle keep-alive connection closes at once).
+    pub async fn draining(&self) {
+        self.inner.draining.cancelled().await
+    }
+
+    /// Whether draining has begun.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.is_cancelled()
+    }
+
+    /// Resolves when the drain deadline passed or draining was forced: close now.
+    pub async fn cut(&self) {
+        self.inner.cut.cancelled().await
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        if self.inner.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.inner.idle.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn waits_for_the_last_connection() {
+        let drain = Drain::new();
+        let guards: Vec<_> = (0..3).map(|_| drain.track()).collect();
+        for guard in guards {
+            tokio::spawn(async move {
+                guard.draining().await;
+                tokio::task::yield_now().await;
+                drop(guard);
+            });
+        }
+        let report = drain.drain(Duration::from_secs(10), std::future::pending()).await;
+        assert_eq!(report.cut, 0);
+        assert!(!report.forced);
+        assert!(report.waited < Duration::from_secs(10));
+    }
+
+    #[tokio::test]
+    async fn force_cuts_at_once() {
+        let drain = Drain::new();
+        let guard = drain.track();
+        let report = drain.drain(Duration::from_secs(3600), async {}).await;
+        assert_eq!(report.cut, 1);
+        assert!(report.forced);
+        // The guard is told to close now.
+        tokio::time::timeout(Duration::from_secs(5), guard.cut()).await.unwrap();
+    }
+}

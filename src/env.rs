@@ -1,0 +1,465 @@
+//! Reading and scrubbing the variables a process is started with.
+//!
+//! The wire format is systemd's socket-activation protocol (`LISTEN_FDS`,
+//! `LISTEN_PID`, `LISTEN_FDNAMES`, fds from 3 on) plus `HANDOFF_*` variables
+//! for what systemd does not carry. Parsing is strict: a value that is not
+//! exactly what the protocol allows is an error that names the variable.
+//! Every variable read here is removed from the process environment, so the
+//! application's own subprocesses inherit none of them.
+
+use std::ffi::OsString;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::Mutex;
+
+use crate::error::EnvError;
+use crate::notify::NotifyAddr;
+
+pub(crate) const LISTEN_FDS: &str = "LISTEN_FDS";
+pub(crate) const LISTEN_PID: &str = "LISTEN_PID";
+pub(crate) const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
+pub(crate) const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
+/// The generation of a successor (2 for the first upgrade). Its presence means
+/// "started by a handoff parent".
+pub(crate) const HANDOFF_GENERATION: &str = "HANDOFF_GENERATION";
+/// systemd's own `NOTIFY_SOCKET`, carried past the parent's private one.
+pub(crate) const HANDOFF_NOTIFY_UPSTREAM: &str = "HANDOFF_NOTIFY_UPSTREAM";
+
+/// Every variable this module consumes; all are removed from the environment.
+pub(crate) const CONSUMED: [&str; 6] = [
+    LISTEN_FDS,
+    LISTEN_PID,
+    LISTEN_FDNAMES,
+    NOTIFY_SOCKET,
+    HANDOFF_GENERATION,
+    HANDOFF_NOTIFY_UPSTREAM,
+];
+
+/// The first inherited fd, as in `sd_listen_fds(3)`.
+pub(crate) const LISTEN_FDS_START: RawFd = 3;
+/// More inherited fds than this is treated as a malformed `LISTEN_FDS`.
+const MAX_FDS: usize = 65_536;
+/// `FDNAME_MAX` in systemd.
+pub(crate) const MAX_NAME_LEN: usize = 255;
+
+/// How this process was started.
+///
+/// ```no_run
+/// # fn main() -> Result<(), handoff::Error> {
+/// let handoff = handoff::Handoff::builder().build()?;
+/// match handoff.start_mode() {
+///     handoff::StartMode::Fresh => println!("first generation, binding sockets"),
+///     handoff::StartMode::SocketActivated => println!("sockets from systemd"),
+///     handoff::StartMode::Successor => println!("generation {}", handoff.generation()),
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartMode {
+    /// Started by hand or by a service manager without sockets.
+    Fresh,
+    /// Started by systemd (or `systemd-socket-activate`) with sockets.
+    SocketActivated,
+    /// Started by a running `handoff` process as its successor.
+    Successor,
+}
+
+/// What the environment said, before any fd is taken over.
+#[derive(Debug, PartialEq)]
+pub(crate) struct StartEnv {
+    pub mode: StartMode,
+    pub generation: u64,
+    /// Inherited fds in order, with their names where the sender gave them.
+    pub fds: Vec<(RawFd, Option<String>)>,
+    /// A successor's parent, waiting for `READY=1`.
+    pub notify_parent: Option<NotifyAddr>,
+    /// systemd's notify socket, if the service runs under systemd.
+    pub notify_upstream: Option<NotifyAddr>,
+}
+
+/// An inherited fd, owned, with the name it arrived under.
+#[derive(Debug)]
+pub(crate) struct InheritedFd {
+    pub fd: OwnedFd,
+    pub name: Option<String>,
+}
+
+/// Serialises takers so an fd is never wrapped in two `OwnedFd`s.
+static TAKEN: Mutex<bool> = Mutex::new(false);
+
+/// Reads, validates and removes the handoff variables, and takes ownership of
+/// the inherited fds. Returns `None` if an earlier call already did.
+pub(crate) fn take_from_process() -> Option<Result<(StartEnv, Vec<InheritedFd>), EnvError>> {
+    let mut taken = TAKEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let values: Vec<(&str, Option<OsString>)> = CONSUMED
+        .iter()
+        .map(|&var| (var, std::env::var_os(var)))
+        .collect();
+    for var in CONSUMED {
+        std::env::remove_var(var);
+    }
+    if *taken {
+        return None;
+    }
+    *taken = true;
+    let get = |name: &str| {
+        values
+            .iter()
+            .find(|(var, _)| *var == name)
+            .and_then(|(_, value)| value.clone())
+    };
+    let result = parse(get, std::process::id())
+        .and_then(|env| claim_fds(&env.fds).map(|fds| (env, fds)));
+    Some(result)
+}
+
+fn fresh(notify_upstream: Option<NotifyAddr>) -> StartEnv {
+    StartEnv {
+        mode: StartMode::Fresh,
+        generation: 1,
+        fds: Vec::new(),
+        notify_parent: None,
+        notify_upstream,
+    }
+}
+
+/// Parses the variables read through `get`, for the process `pid`.
+pub(crate) fn parse(
+    get: impl Fn(&str) -> Option<OsString>,
+    pid: u32,
+) -> Result<StartEnv, EnvError> {
+    let text = |var: &'static str| -> Result<Option<String>, EnvError> {
+        match get(var) {
+            None => Ok(None),
+            Some(value) => value.into_string().map(Some).map_err(|value| EnvError::Invalid {
+                var,
+                value: value.to_string_lossy().into_owned(),
+                reason: "not valid UTF-8".into(),
+            }),
+        }
+    };
+    let notify = |var: &'static str| -> Result<Option<NotifyAddr>, EnvError> {
+        text(var)?
+            .map(|value| {
+                NotifyAddr::parse(&value).map_err(|reason| EnvError::Invalid {
+                    var,
+                    value,
+                    reason,
+                })
+            })
+            .transpose()
+    };
+
+    if let Some(value) = text(HANDOFF_GENERATION)? {
+        let generation = parse_number(HANDOFF_GENERATION, &value)?;
+        if generation < 2 {
+            return Err(invalid(HANDOFF_GENERATION, &value, "a successor's generation is at least 2"));
+        }
+        let notify_parent = notify(NOTIFY_SOCKET)?.ok_or_else(|| EnvError::Missing {
+            var: NOTIFY_SOCKET,
+            reason: format!("{HANDOFF_GENERATION} is set, so the parent's notify socket must be too"),
+        })?;
+        let fds = match text(LISTEN_FDS)? {
+            None => Vec::new(),
+            Some(count) => {
+                let listen_pid = text(LISTEN_PID)?.ok_or_else(|| EnvError::Missing {
+                    var: LISTEN_PID,
+                    reason: format!("{LISTEN_FDS} is set"),
+                })?;
+                let target = parse_number(LISTEN_PID, &listen_pid)?;
+                if target != u64::from(pid) {
+                    return Err(invalid(
+                        LISTEN_PID,
+                        &listen_pid,
+                        &format!("the fds were passed to pid {target}, but this is pid {pid}"),
+                    ));
+                }
+                let count = parse_count(&count)?;
+                let names = text(LISTEN_FDNAMES)?.ok_or_else(|| EnvError::Missing {
+                    var: LISTEN_FDNAMES,
+                    reason: "a successor's fds must all be named".into(),
+                })?;
+                let names = parse_names(&names, count, true)?;
+                (0..count)
+                    .map(|i| LISTEN_FDS_START + i as RawFd)
+                    .zip(names.into_iter().map(Some))
+                    .collect()
+            }
+        };
+        return Ok(StartEnv {
+            mode: StartMode::Successor,
+            generation,
+            fds,
+            notify_parent: Some(notify_parent),
+            notify_upstream: notify(HANDOFF_NOTIFY_UPSTREAM)?,
+        });
+    }
+
+    // Socket activation, following sd_listen_fds(3): no LISTEN_PID, or one
+    // naming another process, means "not for us"; a malformed one is an error.
+    let notify_upstream = notify(NOTIFY_SOCKET)?;
+    let Some(listen_pid) = text(LISTEN_PID)? else {
+        return Ok(fresh(notify_upstream));
+    };
+    let target = parse_number(LISTEN_PID, &listen_pid)?;
+    if target != u64::from(pid) {
+        tracing::debug!(listen_pid = target, pid, "LISTEN_PID names another process; ignoring LISTEN_FDS");
+        return Ok(fresh(notify_upstream));
+    }
+    let Some(count) = text(LISTEN_FDS)? else {
+        return Ok(fresh(notify_upstream));
+    };
+    let count = parse_count(&count)?;
+    if count == 0 {
+        return Err(invalid(LISTEN_FDS, "0", "socket activation passes at least one fd"));
+    }
+    let names: Vec<Option<String>> = match text(LISTEN_FDNAMES)? {
+        Some(names) => parse_names(&names, count, false)?.into_iter().map(Some).collect(),
+        None => vec![None; count],
+    };
+    Ok(StartEnv {
+        mode: StartMode::SocketActivated,
+        generation: 1,
+        fds: (0..count)
+            .map(|i| LISTEN_FDS_START + i as RawFd)
+            .zip(names)
+            .collect(),
+        notify_parent: None,
+        notify_upstream,
+    })
+}
+
+fn invalid(var: &'static str, value: &str, reason: &str) -> EnvError {
+    EnvError::Invalid {
+        var,
+        value: value.to_owned(),
+        reason: reason.to_owned(),
+    }
+}
+
+/// A plain decimal number: digits only, no sign, no spaces.
+fn parse_number(var: &'static str, value: &str) -> Result<u64, EnvError> {
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid(var, value, "not a decimal number"));
+    }
+    value
+        .parse()
+        .map_err(|_| invalid(var, value, "number out of range"))
+}
+
+fn parse_count(value: &str) -> Result<usize, EnvError> {
+    let count = parse_number(LISTEN_FDS, value)?;
+    if count > MAX_FDS as u64 {
+        return Err(invalid(LISTEN_FDS, value, &format!("more than {MAX_FDS} fds")));
+    }
+    Ok(count as usize)
+}
+
+/// Splits `LISTEN_FDNAMES`. `strict` (successors) also requires every name to
+/// be a valid, unique handoff name; systemd may repeat names or leave them empty.
+fn parse_names(value: &str, count: usize, strict: bool) -> Result<Vec<String>, EnvError> {
+    let names: Vec<String> = if value.is_empty() && count == 0 {
+        Vec::new()
+    } else {
+        value.split(':').map(str::to_owned).collect()
+    };
+    if names.len() != count {
+        return Err(invalid(
+            LISTEN_FDNAMES,
+            value,
+            &format!("it has {} names but LISTEN_FDS is {count}", names.len()),
+        ));
+    }
+    for (i, name) in names.iter().enumerate() {
+        let problem = if strict {
+            name_problem(name)
+        } else if name.len() > MAX_NAME_LEN {
+            Some("longer than 255 bytes")
+        } else {
+            None
+        };
+        if let Some(reason) = problem {
+            return Err(invalid(LISTEN_FDNAMES, value, &format!("name {i} ({name:?}) is {reason}")));
+        }
+        if strict && names[..i].contains(name) {
+            return Err(invalid(LISTEN_FDNAMES, value, &format!("name {name:?} appears twice")));
+        }
+    }
+    Ok(names)
+}
+
+/// Why `name` cannot be used as an fd name, or `None` if it can.
+pub(crate) fn name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("empty")
+    } else if name.len() > MAX_NAME_LEN {
+        Some("longer than 255 bytes")
+    } else if !name.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        Some("not printable ASCII")
+    } else if name.contains(':') {
+        Some("using ':', the LISTEN_FDNAMES separator")
+    } else {
+        None
+    }
+}
+
+/// Checks every announced fd is open, marks it close-on-exec and takes it over.
+fn claim_fds(fds: &[(RawFd, Option<String>)]) -> Result<Vec<InheritedFd>, EnvError> {
+    for &(fd, _) in fds {
+        // SAFETY: F_GETFD/F_SETFD only read and set the fd's flags; an fd
+        // number that is not open gives EBADF and changes nothing.
+        let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
+        if !open {
+            return Err(EnvError::FdNotOpen {
+                count: fds.len(),
+                fd,
+            });
+        }
+        // SAFETY: as above; fd was just seen open.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    Ok(fds
+        .iter()
+        .map(|(fd, name)| InheritedFd {
+            // SAFETY: the fd is open (checked above), and the LISTEN_FDS
+            // protocol hands fds 3.. to this process: nothing else in it owns
+            // them, and TAKEN makes sure this happens at most once.
+            fd: unsafe { OwnedFd::from_raw_fd(*fd) },
+            name: name.clone(),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(vars: &[(&str, &str)], pid: u32) -> Result<StartEnv, EnvError> {
+        parse(
+            |name| {
+                vars.iter()
+                    .find(|(var, _)| *var == name)
+                    .map(|(_, value)| OsString::from(value))
+            },
+            pid,
+        )
+    }
+
+    fn err(vars: &[(&str, &str)]) -> String {
+        run(vars, 100).expect_err("must be rejected").to_string()
+    }
+
+    const GOOD: [(&str, &str); 5] = [
+        ("HANDOFF_GENERATION", "3"),
+        ("NOTIFY_SOCKET", "@handoff-test"),
+        ("LISTEN_PID", "100"),
+        ("LISTEN_FDS", "2"),
+        ("LISTEN_FDNAMES", "http:admin"),
+    ];
+
+    fn with(var: &str, value: &str) -> Vec<(&'static str, String)> {
+        GOOD.iter()
+            .map(|(k, v)| (*k, if *k == var { value.to_owned() } else { (*v).to_owned() }))
+            .collect()
+    }
+
+    fn err_with(var: &str, value: &str) -> String {
+        let vars = with(var, value);
+        let refs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        err(&refs)
+    }
+
+    #[test]
+    fn successor_is_parsed() {
+        let env = run(&GOOD, 100).unwrap();
+        assert_eq!(env.mode, StartMode::Successor);
+        assert_eq!(env.generation, 3);
+        assert_eq!(
+            env.fds,
+            vec![(3, Some("http".to_owned())), (4, Some("admin".to_owned()))]
+        );
+        assert!(env.notify_parent.is_some());
+    }
+
+    #[test]
+    fn nothing_set_is_fresh() {
+        let env = run(&[], 100).unwrap();
+        assert_eq!(env.mode, StartMode::Fresh);
+        assert_eq!(env.generation, 1);
+        assert!(env.fds.is_empty());
+    }
+
+    #[test]
+    fn garbage_in_each_variable_names_it() {
+        for (var, value) in [
+            ("HANDOFF_GENERATION", "two"),
+            ("HANDOFF_GENERATION", "1"),
+            ("HANDOFF_GENERATION", "-4"),
+            ("HANDOFF_GENERATION", "99999999999999999999999"),
+            ("LISTEN_PID", "abc"),
+            ("LISTEN_PID", "101"),
+            ("LISTEN_FDS", "2x"),
+            ("LISTEN_FDS", " 2"),
+            ("LISTEN_FDS", "100000000"),
+            ("LISTEN_FDNAMES", "http"),
+            ("LISTEN_FDNAMES", "http:admin:extra"),
+            ("LISTEN_FDNAMES", "http:http"),
+            ("LISTEN_FDNAMES", "http:"),
+            ("LISTEN_FDNAMES", "http:bad\u{7}name"),
+            ("NOTIFY_SOCKET", "relative/path"),
+            ("NOTIFY_SOCKET", ""),
+        ] {
+            let message = err_with(var, value);
+            assert!(message.contains(var), "{var}={value:?}: {message}");
+        }
+    }
+
+    #[test]
+    fn successor_requires_its_companions() {
+        for missing in ["NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDNAMES"] {
+            let vars: Vec<(&str, &str)> = GOOD.iter().copied().filter(|(k, _)| *k != missing).collect();
+            let message = err(&vars);
+            assert!(message.contains(missing), "{missing}: {message}");
+        }
+    }
+
+    #[test]
+    fn activation_follows_sd_listen_fds() {
+        let env = run(&[("LISTEN_PID", "100"), ("LISTEN_FDS", "2")], 100).unwrap();
+        assert_eq!(env.mode, StartMode::SocketActivated);
+        assert_eq!(env.fds, vec![(3, None), (4, None)]);
+        // Another process's fds are not ours: ignored, not an error.
+        let env = run(&[("LISTEN_PID", "7"), ("LISTEN_FDS", "2")], 100).unwrap();
+        assert_eq!(env.mode, StartMode::Fresh);
+        // No LISTEN_PID at all: ignored, as sd_listen_fds does.
+        let env = run(&[("LISTEN_FDS", "2")], 100).unwrap();
+        assert!(env.fds.is_empty());
+        // systemd may repeat names (one socket unit, several ListenStream=).
+        let env = run(
+            &[("LISTEN_PID", "100"), ("LISTEN_FDS", "2"), ("LISTEN_FDNAMES", "web:web")],
+            100,
+        )
+        .unwrap();
+        assert_eq!(env.fds.len(), 2);
+        for (vars, var) in [
+            (&[("LISTEN_PID", "x1"), ("LISTEN_FDS", "1")][..], "LISTEN_PID"),
+            (&[("LISTEN_PID", "100"), ("LISTEN_FDS", "0")][..], "LISTEN_FDS"),
+            (&[("LISTEN_PID", "100"), ("LISTEN_FDS", "one")][..], "LISTEN_FDS"),
+            (
+                &[("LISTEN_PID", "100"), ("LISTEN_FDS", "1"), ("LISTEN_FDNAMES", "a:b")][..],
+                "LISTEN_FDNAMES",
+            ),
+        ] {
+            let message = err(vars);
+            assert!(message.contains(var), "{vars:?}: {message}");
+        }
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert_eq!(name_problem("http"), None);
+        assert!(name_problem("").is_some());
+        assert!(name_problem("a:b").is_some());
+        assert!(name_problem(&"x".repeat(256)).is_some());
+        assert!(name_problem("tab\there").is_some());
+    }
+}

@@ -1,0 +1,190 @@
+//! The `sd_notify` datagram protocol: a parent's private notify socket that
+//! hears `READY=1` from its successor (checking the sender's PID with
+//! `SCM_CREDENTIALS`), and sending messages to such a socket.
+
+use std::fmt;
+use std::io::{self, IoSliceMut};
+use std::os::fd::AsRawFd;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr as UnixSocketAddr, UnixDatagram as StdUnixDatagram};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, UnixAddr};
+use tokio::io::Interest;
+use tokio::net::UnixDatagram;
+
+/// Where notify messages go: a path, or a Linux abstract socket name (`@name`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum NotifyAddr {
+    Path(PathBuf),
+    Abstract(Vec<u8>),
+}
+
+impl NotifyAddr {
+    /// Parses a `NOTIFY_SOCKET` value.
+    pub(crate) fn parse(value: &str) -> Result<Self, String> {
+        if let Some(name) = value.strip_prefix('@') {
+            if name.is_empty() {
+                return Err("an abstract socket name needs at least one byte after '@'".into());
+            }
+            Ok(NotifyAddr::Abstract(name.as_bytes().to_vec()))
+        } else if value.starts_with('/') {
+            Ok(NotifyAddr::Path(PathBuf::from(value)))
+        } else {
+            Err("expected an absolute path or an abstract name starting with '@'".into())
+        }
+    }
+
+    fn socket_addr(&self) -> io::Result<UnixSocketAddr> {
+        match self {
+            NotifyAddr::Path(path) => UnixSocketAddr::from_pathname(path),
+            NotifyAddr::Abstract(name) => UnixSocketAddr::from_abstract_name(name),
+        }
+    }
+
+    /// Sends one datagram of newline-separated `KEY=VALUE` lines.
+    pub(crate) fn send(&self, message: &str) -> io::Result<()> {
+        let socket = StdUnixDatagram::unbound()?;
+        let sent = socket.send_to_addr(message.as_bytes(), &self.socket_addr()?)?;
+        if sent != message.len() {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "notify message truncated"));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for NotifyAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NotifyAddr::Path(path) => write!(f, "{}", path.display()),
+            NotifyAddr::Abstract(name) => write!(f, "@{}", String::from_utf8_lossy(name)),
+        }
+    }
+}
+
+/// One notify datagram and the PID the kernel says sent it.
+#[derive(Debug)]
+pub(crate) struct Message {
+    pub pid: Option<u32>,
+    pub text: String,
+}
+
+impl Message {
+    /// Whether the message has the line `KEY=VALUE`.
+    pub(crate) fn has(&self, line: &str) -> bool {
+        self.text.lines().any(|l| l == line)
+    }
+}
+
+/// A private notify socket under an abstract name, readable by this process only
+/// in the sense that every message carries its sender's PID.
+pub(crate) struct NotifyListener {
+    socket: UnixDatagram,
+    addr: NotifyAddr,
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl NotifyListener {
+    /// Binds a new socket under a fresh abstract name. Needs a tokio runtime.
+    pub(crate) fn bind() -> io::Result<Self> {
+        loop {
+            let name = format!(
+                "handoff/{}/{}/{:x}",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::Relaxed),
+                nanos()
+            );
+            let addr = NotifyAddr::Abstract(name.into_bytes());
+            let socket = match StdUnixDatagram::bind_addr(&addr.socket_addr()?) {
+                Ok(socket) => socket,
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
+                Err(e) => return Err(e),
+            };
+            setsockopt(&socket, sockopt::PassCred, &true)?;
+            socket.set_nonblocking(true)?;
+            let socket = UnixDatagram::from_std(socket)?;
+            return Ok(NotifyListener { socket, addr });
+        }
+    }
+
+    pub(crate) fn addr(&self) -> &NotifyAddr {
+        &self.addr
+    }
+
+    /// Waits for the next datagram.
+    pub(crate) async fn recv(&self) -> io::Result<Message> {
+        let fd = self.socket.as_raw_fd();
+        self.socket
+            .async_io(Interest::READABLE, || {
+                let mut buf = [0u8; 4096];
+                let mut iov = [IoSliceMut::new(&mut buf)];
+                let mut space = nix::cmsg_space!(nix::sys::socket::UnixCredentials, [std::os::fd::RawFd; 4]);
+                let msg = recvmsg::<UnixAddr>(
+                    fd,
+                    &mut iov,
+                    Some(&mut space),
+                    MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+                )
+                .map_err(io::Error::from)?;
+                let mut pid = None;
+                for cmsg in msg.cmsgs().map_err(io::Error::from)? {
+                    match cmsg {
+                        ControlMessageOwned::ScmCredentials(creds) => {
+                            pid = u32::try_from(creds.pid()).ok();
+                        }
+                        ControlMessageOwned::ScmRights(fds) => {
+                            for fd in fds {
+                                // SAFETY: the kernel just installed these fds
+                                // in this process for this message; nobody else
+                                // knows them, and we do not want them.
+                                drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                let len = msg.bytes;
+                Ok(Message {
+                    pid,
+                    text: String::from_utf8_lossy(&buf[..len]).into_owned(),
+                })
+            })
+            .await
+    }
+}
+
+fn nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_notify_socket_values() {
+        assert_eq!(
+            NotifyAddr::parse("/run/systemd/notify"),
+            Ok(NotifyAddr::Path("/run/systemd/notify".into()))
+        );
+        assert_eq!(NotifyAddr::parse("@x"), Ok(NotifyAddr::Abstract(b"x".to_vec())));
+        assert!(NotifyAddr::parse("@").is_err());
+        assert!(NotifyAddr::parse("run/notify").is_err());
+        assert_eq!(NotifyAddr::parse("@abc").unwrap().to_string(), "@abc");
+    }
+
+    #[tokio::test]
+    async fn a_message_carries_the_senders_pid() {
+        let listener = NotifyListener::bind().unwrap();
+        listener.addr().send("READY=1\nSTATUS=hello").unwrap();
+        let msg = listener.recv().await.unwrap();
+        assert_eq!(msg.pid, Some(std::process::id()));
+        assert!(msg.has("READY=1"));
+        assert!(!msg.has("READY=0"));
+    }
+}

@@ -1,0 +1,281 @@
+//! Looking at a socket fd (family, type, listening, bound address) and binding
+//! new ones with the options a server wants.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+
+use nix::sys::socket::{
+    bind, getsockname, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag,
+    SockType, SockaddrStorage, UnixAddr,
+};
+
+/// The kinds of fd the registry hands out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FdKind {
+    /// A listening TCP socket (IPv4 or IPv6).
+    TcpListener,
+    /// A UDP socket (IPv4 or IPv6).
+    Udp,
+    /// A listening Unix stream socket.
+    UnixListener,
+    /// A Unix datagram socket.
+    UnixDatagram,
+    /// Any other fd: a file, a pipe, an eventfd…
+    Other,
+}
+
+impl FdKind {
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            FdKind::TcpListener => "a listening TCP socket",
+            FdKind::Udp => "a UDP socket",
+            FdKind::UnixListener => "a listening Unix stream socket",
+            FdKind::UnixDatagram => "a Unix datagram socket",
+            FdKind::Other => "an fd",
+        }
+    }
+}
+
+/// A socket's local address, in a form that can be compared with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum LocalAddr {
+    Inet(SocketAddr),
+    Unix(PathBuf),
+    UnixAbstract(Vec<u8>),
+    Unnamed,
+}
+
+impl fmt::Display for LocalAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LocalAddr::Inet(addr) => write!(f, "{addr}"),
+            LocalAddr::Unix(path) => write!(f, "{}", path.display()),
+            LocalAddr::UnixAbstract(name) => write!(f, "@{}", String::from_utf8_lossy(name)),
+            LocalAddr::Unnamed => write!(f, "(unbound)"),
+        }
+    }
+}
+
+impl LocalAddr {
+    /// Whether a socket bound here satisfies a request for `wanted`. A request
+    /// for port 0 ("any port") accepts any port on the same IP.
+    pub(crate) fn satisfies(&self, wanted: &LocalAddr) -> bool {
+        match (self, wanted) {
+            (LocalAddr::Inet(have), LocalAddr::Inet(want)) => {
+                have == want || (want.port() == 0 && have.ip() == want.ip())
+            }
+            _ => self == wanted,
+        }
+    }
+}
+
+/// What an fd turned out to be.
+#[derive(Debug, Clone)]
+pub(crate) struct FdInfo {
+    pub kind: Option<FdKind>,
+    pub addr: LocalAddr,
+    description: String,
+}
+
+impl fmt::Display for FdInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.description)
+    }
+}
+
+fn int_opt(fd: BorrowedFd<'_>, opt: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: value and len point to a c_int and its size, as getsockopt
+    // requires for these SOL_SOCKET integer options; the fd is borrowed.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+/// Finds out what `fd` is: which kind of socket, bound where; or not a socket.
+pub(crate) fn inspect(fd: BorrowedFd<'_>) -> io::Result<FdInfo> {
+    let stat = nix::sys::stat::fstat(fd)?;
+    let format = stat.st_mode & libc::S_IFMT;
+    if format != libc::S_IFSOCK {
+        let what = match format {
+            libc::S_IFREG => "a regular file",
+            libc::S_IFIFO => "a pipe",
+            libc::S_IFCHR => "a character device",
+            libc::S_IFDIR => "a directory",
+            _ => "not a socket",
+        };
+        return Ok(FdInfo {
+            kind: None,
+            addr: LocalAddr::Unnamed,
+            description: what.to_owned(),
+        });
+    }
+    let domain = int_opt(fd, libc::SO_DOMAIN)?;
+    let ty = int_opt(fd, libc::SO_TYPE)?;
+    let listening = int_opt(fd, libc::SO_ACCEPTCONN)? != 0;
+    let storage: SockaddrStorage = getsockname(fd.as_raw_fd())?;
+    let addr = local_addr(&storage);
+    let family = match domain {
+        libc::AF_INET => "IPv4",
+        libc::AF_INET6 => "IPv6",
+        libc::AF_UNIX => "Unix",
+        _ => "other-family",
+    };
+    let (kind, what) = match (domain, ty, listening) {
+        (libc::AF_INET | libc::AF_INET6, libc::SOCK_STREAM, true) => {
+            (Some(FdKind::TcpListener), "listening TCP socket")
+        }
+        (libc::AF_INET | libc::AF_INET6, libc::SOCK_STREAM, false) => {
+            (None, "TCP socket that is not listening")
+        }
+        (libc::AF_INET | libc::AF_INET6, libc::SOCK_DGRAM, _) => (Some(FdKind::Udp), "UDP socket"),
+        (libc::AF_UNIX, libc::SOCK_STREAM, true) => {
+            (Some(FdKind::UnixListener), "listening stream socket")
+        }
+        (libc::AF_UNIX, libc::SOCK_STREAM, false) => (None, "stream socket that is not listening"),
+        (libc::AF_UNIX, libc::SOCK_DGRAM, _) => (Some(FdKind::UnixDatagram), "datagram socket"),
+        _ => (None, "socket of another type"),
+    };
+    Ok(FdInfo {
+        kind,
+        description: format!("a {family} {what} bound to {addr}"),
+        addr,
+    })
+}
+
+fn local_addr(storage: &SockaddrStorage) -> LocalAddr {
+    if let Some(v4) = storage.as_sockaddr_in() {
+        return LocalAddr::Inet(SocketAddr::V4((*v4).into()));
+    }
+    if let Some(v6) = storage.as_sockaddr_in6() {
+        return LocalAddr::Inet(SocketAddr::V6((*v6).into()));
+    }
+    if let Some(unix) = storage.as_unix_addr() {
+        if let Some(path) = unix.path() {
+            return LocalAddr::Unix(path.to_path_buf());
+        }
+        if let Some(name) = unix.as_abstract() {
+            return LocalAddr::UnixAbstract(name.to_vec());
+        }
+    }
+    LocalAddr::Unnamed
+}
+
+/// Binds a listening TCP socket with `SO_REUSEADDR`, `IPV6_V6ONLY` for IPv6
+/// and the largest backlog the kernel allows.
+pub(crate) fn bind_tcp(addr: SocketAddr) -> io::Result<OwnedFd> {
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    if addr.is_ipv6() {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+    }
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    listen(&fd, Backlog::MAXCONN)?;
+    Ok(fd)
+}
+
+/// A Unix socket path this process bound, remembered by inode so that it is
+/// only ever unlinked while it is still ours.
+#[derive(Debug, Clone)]
+pub(crate) struct BoundPath {
+    pub path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl BoundPath {
+    fn record(path: &Path) -> io::Result<Self> {
+        let meta = std::fs::symlink_metadata(path)?;
+        Ok(BoundPath {
+            path: path.to_path_buf(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+
+    /// Unlinks the path if it is still the socket this process bound.
+    pub(crate) fn unlink_if_ours(&self) {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(meta) if meta.dev() == self.dev && meta.ino() == self.ino => {
+                if let Err(error) = std::fs::remove_file(&self.path) {
+                    tracing::warn!(path = %self.path.display(), %error, "cannot unlink socket path");
+                }
+            }
+            _ => tracing::debug!(path = %self.path.display(), "socket path is no longer ours; left alone"),
+        }
+    }
+}
+
+/// Removes a socket file at `path` that nobody listens on any more, so a
+/// restart after a crash can bind again. Anything else at the path is left.
+fn remove_stale(path: &Path) {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return;
+    };
+    if meta.file_type().is_socket() {
+        if let Err(e) = StdUnixStream::connect(path) {
+            if e.kind() == io::ErrorKind::ConnectionRefused {
+                tracing::info!(path = %path.display(), "removing stale socket path");
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+/// Binds a Unix socket of `ty` at `path`, listening if it is a stream socket.
+pub(crate) fn bind_unix(path: &Path, ty: SockType) -> io::Result<(OwnedFd, BoundPath)> {
+    remove_stale(path);
+    let fd = socket(AddressFamily::Unix, ty, SockFlag::SOCK_CLOEXEC, None)?;
+    bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    let bound = BoundPath::record(path)?;
+    if ty == SockType::Stream {
+        if let Err(e) = listen(&fd, Backlog::MAXCONN) {
+            bound.unlink_if_ours();
+            return Err(e.into());
+        }
+    }
+    Ok((fd, bound))
+}
+
+/// Binds a UDP socket.
+pub(crate) fn bind_udp(addr: SocketAddr) -> io::Result<OwnedFd> {
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+    if addr.is_ipv6() {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+    }
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    Ok(fd)
+}
+
+/// Whether two addresses describe the same place (for the "already held" check).
+pub(crate) fn same_place(a: &LocalAddr, b: &LocalAddr) -> bool {
+    match (a, b) {
+        (LocalAddr::Inet(x), LocalAddr::Inet(y)) => x.port() != 0 && x == y,
+        (LocalAddr::Unnamed, _) | (_, LocalAddr::Unnamed) => false,
+        _ => a == b,
+    }
+}

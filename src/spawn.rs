@@ -1,0 +1,355 @@
+//! Starting the successor: `fork`, lay out fds at 3.. and the environment,
+//! `execve` the binary; then watch it through a pidfd, and never leave it a
+//! zombie.
+//!
+//! Between `fork` and `execve` the child may only make async-signal-safe
+//! calls (the parent is multi-threaded), so everything it needs is built
+//! before the fork: `argv`, `envp` with a blank `LISTEN_PID=` that the child
+//! fills with its own PID, and the fd tables.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{fork, pipe2, ForkResult, Pid};
+use tokio::io::unix::AsyncFd;
+
+use crate::env::{LISTEN_FDNAMES, LISTEN_FDS, LISTEN_FDS_START, LISTEN_PID};
+use crate::error::UpgradeError;
+
+/// Digits enough for any PID.
+const PID_DIGITS: usize = 20;
+
+/// What to start and what to give it.
+pub(crate) struct SpawnSpec<'a> {
+    /// Absolute path of the binary.
+    pub program: &'a Path,
+    /// `argv`, including `argv[0]`.
+    pub args: &'a [OsString],
+    pub cwd: &'a Path,
+    /// Fds to place at 3, 4, … with their names.
+    pub fds: Vec<(&'a str, BorrowedFd<'a>)>,
+    /// Variables to add to (or replace in) this process's environment.
+    pub env: Vec<(&'static str, OsString)>,
+}
+
+/// A started successor. Dropping it without [`Child::disown`] kills its
+/// process group and reaps it.
+pub(crate) struct Child {
+    pid: Pid,
+    pidfd: Option<AsyncFd<OwnedFd>>,
+}
+
+fn cstring(bytes: &[u8], what: &str) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| {
+        io::Error::new(io::ErrorKind::InvalidInput, format!("{what} contains a NUL byte"))
+    })
+}
+
+fn env_entry(key: &OsStr, value: &OsStr) -> io::Result<CString> {
+    let mut entry = key.as_bytes().to_vec();
+    entry.push(b'=');
+    entry.extend_from_slice(value.as_bytes());
+    cstring(&entry, "an environment variable")
+}
+
+/// Everything the child needs, built before the fork.
+struct Prepared {
+    program: CString,
+    cwd: CString,
+    _args: Vec<CString>,
+    argv: Vec<*const libc::c_char>,
+    _env: Vec<CString>,
+    /// `LISTEN_PID=` followed by room for the digits and a NUL.
+    listen_pid: Vec<u8>,
+    envp: Vec<*const libc::c_char>,
+    sources: Vec<RawFd>,
+    scratch: Vec<RawFd>,
+}
+
+fn prepare(spec: &SpawnSpec<'_>) -> io::Result<Prepared> {
+    let program = cstring(spec.program.as_os_str().as_bytes(), "the program path")?;
+    let cwd = cstring(spec.cwd.as_os_str().as_bytes(), "the working directory")?;
+    let args = spec
+        .args
+        .iter()
+        .map(|a| cstring(a.as_bytes(), "an argument"))
+        .collect::<io::Result<Vec<_>>>()?;
+    let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+
+    let mut extra = spec.env.clone();
+    let passing = !spec.fds.is_empty();
+    if passing {
+        let names: Vec<&str> = spec.fds.iter().map(|(name, _)| *name).collect();
+        extra.push((LISTEN_FDS, spec.fds.len().to_string().into()));
+        extra.push((LISTEN_FDNAMES, names.join(":").into()));
+    }
+    let replaced = |key: &OsStr| {
+        key == LISTEN_PID || extra.iter().any(|(k, _)| OsStr::new(k) == key)
+    };
+    let mut env = Vec::new();
+    for (key, value) in std::env::vars_os() {
+        if !replaced(&key) {
+            env.push(env_entry(&key, &value)?);
+        }
+    }
+    for (key, value) in &extra {
+        env.push(env_entry(OsStr::new(key), value)?);
+    }
+    let mut listen_pid = format!("{LISTEN_PID}=").into_bytes();
+    listen_pid.resize(listen_pid.len() + PID_DIGITS + 1, 0);
+    let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    if passing {
+        envp.push(listen_pid.as_ptr().cast());
+    }
+    envp.push(std::ptr::null());
+
+    let sources: Vec<RawFd> = spec.fds.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+    let scratch = vec![-1; sources.len()];
+    Ok(Prepared {
+        program,
+        cwd,
+        _args: args,
+        argv,
+        _env: env,
+        listen_pid,
+        envp,
+        sources,
+        scratch,
+    })
+}
+
+/// Runs in the child between `fork` and `execve`. Only async-signal-safe
+/// calls; no allocation. On failure, writes errno to `err_fd` and exits 127.
+///
+/// # Safety
+/// Must only be called in the child right after `fork`, with `p` built by
+/// [`prepare`] and `err_fd` the write end of a close-on-exec pipe.
+unsafe fn exec_child(p: &mut Prepared, err_fd: RawFd) -> ! {
+    let count = p.sources.len() as RawFd;
+    let first_free = LISTEN_FDS_START + count;
+    // Keep the error pipe out of the way of fds 3..3+count.
+    let err_fd = libc::fcntl(err_fd, libc::F_DUPFD_CLOEXEC, first_free);
+    let fail = |fd: RawFd| -> ! {
+        let errno = *libc::__errno_location();
+        if fd >= 0 {
+            let bytes = errno.to_ne_bytes();
+            libc::write(fd, bytes.as_ptr().cast(), bytes.len());
+        }
+        libc::_exit(127)
+    };
+    if err_fd < 0 {
+        fail(-1);
+    }
+    // Own process group, so a failed upgrade can kill everything it started.
+    libc::setpgid(0, 0);
+    // A clean signal state: nothing blocked, SIGPIPE back to its default (the
+    // Rust runtime ignores it), and SIGHUP ignored until the new process
+    // installs its own handler, so an early SIGHUP cannot kill it.
+    let mut set: libc::sigset_t = std::mem::zeroed();
+    libc::sigemptyset(&mut set);
+    libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    libc::signal(libc::SIGHUP, libc::SIG_IGN);
+
+    if count > 0 {
+        // LISTEN_PID: this process's PID, written into the pre-built entry.
+        let mut pid = libc::getpid() as u64;
+        let mut digits = [0u8; PID_DIGITS];
+        let mut n = 0;
+        loop {
+            digits[PID_DIGITS - 1 - n] = b'0' + (pid % 10) as u8;
+            n += 1;
+            pid /= 10;
+            if pid == 0 {
+                break;
+            }
+        }
+        let start = LISTEN_PID.len() + 1;
+        p.listen_pid[start..start + n].copy_from_slice(&digits[PID_DIGITS - n..]);
+        p.listen_pid[start + n] = 0;
+
+        // Copy every source above the target range first, then place them.
+        for (i, &src) in p.sources.iter().enumerate() {
+            let tmp = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, first_free);
+            if tmp < 0 {
+                fail(err_fd);
+            }
+            p.scratch[i] = tmp;
+        }
+        for (i, &tmp) in p.scratch.iter().enumerate() {
+            // dup2 leaves the new fd without FD_CLOEXEC: it survives execve.
+            if libc::dup2(tmp, LISTEN_FDS_START + i as RawFd) < 0 {
+                fail(err_fd);
+            }
+        }
+    }
+    // Anything else above the handed-over fds must not reach the successor,
+    // even an fd some other code opened without O_CLOEXEC. Old kernels lack
+    // close_range; every fd this crate opens is close-on-exec anyway.
+    libc::syscall(
+        libc::SYS_close_range,
+        first_free as libc::c_uint,
+        libc::c_uint::MAX,
+        libc::CLOSE_RANGE_CLOEXEC,
+    );
+    if libc::chdir(p.cwd.as_ptr()) < 0 {
+        fail(err_fd);
+    }
+    libc::execve(p.program.as_ptr(), p.argv.as_ptr(), p.envp.as_ptr());
+    fail(err_fd)
+}
+
+/// Starts the successor and returns once `execve` succeeded. Needs a tokio runtime.
+pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> Result<Child, UpgradeError> {
+    let mut prepared = prepare(spec).map_err(|e| UpgradeError::io("cannot prepare the new process", e))?;
+    let (err_read, err_write) = pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| UpgradeError::io("cannot create a pipe", e.into()))?;
+    // SAFETY: the child runs only exec_child, which makes async-signal-safe
+    // calls on memory prepared before the fork, then execs or exits.
+    let pid = match unsafe { fork() } {
+        Ok(ForkResult::Child) => unsafe { exec_child(&mut prepared, err_write.as_raw_fd()) },
+        Ok(ForkResult::Parent { child }) => child,
+        Err(e) => return Err(UpgradeError::io("cannot fork", e.into())),
+    };
+    drop(err_write);
+    let mut child = Child { pid, pidfd: None };
+    child.pidfd = Some(open_pidfd(pid).map_err(|e| UpgradeError::io("cannot open a pidfd for the new process", e))?);
+
+    // The pipe closes on a successful execve; otherwise it carries errno.
+    let mut buf = Vec::new();
+    let mut reader = std::fs::File::from(err_read);
+    reader
+        .read_to_end(&mut buf)
+        .map_err(|e| UpgradeError::io("cannot read the exec status pipe", e))?;
+    if let Ok(bytes) = <[u8; 4]>::try_from(buf.as_slice()) {
+        let errno = i32::from_ne_bytes(bytes);
+        child.reap_now();
+        let source = io::Error::from_raw_os_error(errno);
+        let program = spec.program.to_path_buf();
+        return Err(if errno == libc::ENOENT {
+            UpgradeError::BinaryMissing { program }
+        } else {
+            UpgradeError::NotExecutable { program, source: std::sync::Arc::new(source) }
+        });
+    }
+    Ok(child)
+}
+
+fn open_pidfd(pid: Pid) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd (always
+    // close-on-exec) or -1; no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall just returned this fd to us and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    // SAFETY: the AsyncFd owns the OwnedFd, so the fd stays open for as long
+    // as it is registered.
+    unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)
+}
+
+impl Child {
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid.as_raw() as u32
+    }
+
+    /// Resolves once the process has exited (it is then a zombie until reaped).
+    pub(crate) async fn exited(&self) {
+        if let Some(pidfd) = &self.pidfd {
+            // A pidfd becomes readable when the process exits.
+            if let Ok(mut guard) = pidfd.readable().await {
+                guard.retain_ready();
+                return;
+            }
+        }
+        std::future::pending().await
+    }
+
+    /// Kills the child's whole process group (it and anything it started).
+    pub(crate) fn kill_group(&self) {
+        // While the child is not yet reaped its PID, and so the group ID,
+        // cannot be reused, so this cannot hit an unrelated group.
+        if let Err(e) = killpg(self.pid, Signal::SIGKILL) {
+            if e != nix::errno::Errno::ESRCH {
+                tracing::warn!(pid = self.pid.as_raw(), error = %e, "cannot kill the new process group");
+            }
+        }
+    }
+
+    /// Kills the group and waits for the child. Blocks only as long as the
+    /// kernel takes to deliver SIGKILL.
+    fn reap_now(&mut self) -> Option<WaitStatus> {
+        self.kill_group();
+        self.pidfd = None;
+        loop {
+            match waitpid(self.pid, None) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                Ok(status) => return Some(status),
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Kills the group, reaps the child and returns how it ended.
+    pub(crate) fn kill_and_reap(mut self) -> Option<WaitStatus> {
+        let status = self.reap_now();
+        std::mem::forget(self);
+        status
+    }
+
+    /// Lets the child run on; a background task reaps it whenever it exits, so
+    /// it never lingers as this process's zombie.
+    pub(crate) fn disown(mut self) {
+        let pidfd = self.pidfd.take();
+        let pid = self.pid;
+        std::mem::forget(self);
+        tokio::spawn(async move {
+            if let Some(pidfd) = pidfd {
+                let _ = pidfd.readable().await;
+            }
+            let _ = tokio::task::spawn_blocking(move || waitpid(pid, None)).await;
+        });
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        self.reap_now();
+    }
+}
+
+/// How a reaped child ended, as an upgrade error.
+pub(crate) fn exit_error(pid: u32, status: Option<WaitStatus>) -> UpgradeError {
+    match status {
+        Some(WaitStatus::Exited(_, code)) => UpgradeError::Exited { pid, code },
+        Some(WaitStatus::Signaled(_, signal, _)) => UpgradeError::Killed {
+            pid,
+            signal: signal.as_str().to_owned(),
+        },
+        other => UpgradeError::io(
+            format!("the new process (pid {pid}) ended before it was ready"),
+            io::Error::other(format!("{other:?}")),
+        ),
+    }
+}
+
+/// The absolute path of the binary this process was started from: `argv[0]`
+/// made absolute against the starting directory, or looked up in `PATH`.
+/// Not `/proc/self/exe`: a deploy replaces the file at the path.
+pub(crate) fn resolve_program(argv0: &OsStr, cwd: &Path) -> Option<PathBuf> {
+    let given = Path::new(argv0);
+    if argv0.as_bytes().contains(&b'/') {
+        return Some(cwd.join(given));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| cwd.join(dir).join(given))
+        .find(|candidate| candidate.is_file())
+}
