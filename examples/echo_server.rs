@@ -75,7 +75,7 @@ async fn run(handoff: Handoff, args: Args) -> Result<ExitCode, Box<dyn std::erro
     let generation = handoff.generation();
     let prefix: Arc<[u8]> = format!("{pid} ").into_bytes().into();
     handoff.handle_signals()?;
-    support::report_upgrades(&handoff);
+    let reporter = support::Reporter::start(&handoff);
     let drain = Drain::new();
     let mut addrs = Vec::new();
     let mut accepting = Vec::new();
@@ -98,6 +98,7 @@ async fn run(handoff: Handoff, args: Args) -> Result<ExitCode, Box<dyn std::erro
         drain.active()
     ));
     let report = drain.drain(args.drain_timeout, handoff.forced()).await;
+    reporter.finish().await;
     say(format_args!(
         "exit pid={pid} generation={generation} cut={} waited_ms={}",
         report.cut,

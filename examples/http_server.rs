@@ -11,14 +11,14 @@
 //!   its output: what a subprocess of the server inherits (fds and variables).
 //!
 //! It prints one line per event on stdout (`listening`, `ready`, `upgrade
-//! started|succeeded|failed`, `exit`), with `key=value` fields; logs go to
-//! stderr (`RUST_LOG`, default `info`).
+//! started|succeeded|failed`, `stopping`, `exit`, and `sleeping` when a
+//! `/sleep` request starts), with `key=value` fields; logs go to stderr
+//! (`RUST_LOG`, default `info`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,16 +29,19 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
 
 #[path = "support/mod.rs"]
 mod support;
 use support::{say, secs};
 
-/// A connection accepted just before the cutover gets this long to send its
-/// first request; it is then answered (with `Connection: close`) rather than
-/// closed unanswered (hyper issue 2730).
-const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
+/// Once draining begins, every response carries `Connection: close`, and a
+/// connection gets this long to send its next request before it is closed.
+/// A busy keep-alive client thus gets its last answer with `Connection: close`
+/// and reconnects (to the successor), instead of racing a close (sending a
+/// request into a connection the server just closed); and a connection
+/// accepted just before the cutover is answered rather than closed unanswered
+/// (hyper issue 2730). A connection that stays silent is closed at the end.
+const IDLE_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Parser, Debug)]
 #[command(about = "A demo HTTP server that upgrades in place on SIGHUP (handoff).")]
@@ -103,7 +106,7 @@ async fn run(handoff: Handoff, args: Args) -> Result<ExitCode, Box<dyn std::erro
         listeners.push(handoff.tcp_listener(&format!("http{i}"), *addr)?);
     }
     handoff.handle_signals()?;
-    support::report_upgrades(&handoff);
+    let reporter = support::Reporter::start(&handoff);
 
     let drain = Drain::new();
     let mut addrs = Vec::new();
@@ -138,6 +141,7 @@ async fn run(handoff: Handoff, args: Args) -> Result<ExitCode, Box<dyn std::erro
         drain.active()
     ));
     let report = drain.drain(args.drain_timeout, handoff.forced()).await;
+    reporter.finish().await;
     say(format_args!(
         "exit pid={} generation={} cut={} waited_ms={}",
         app.pid,
@@ -160,7 +164,7 @@ async fn accept_loop(listener: TcpListener, handoff: Handoff, drain: Drain, app:
             _ = handoff.stopping() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(serve(stream, drain.track(), app.clone()));
+                    tokio::spawn(serve(stream, drain.track(), drain.clone(), app.clone()));
                 }
                 Err(error) => {
                     // Out of fds or memory: back off instead of spinning.
@@ -172,23 +176,22 @@ async fn accept_loop(listener: TcpListener, handoff: Handoff, drain: Drain, app:
     }
 }
 
-/// Serves one connection. When draining begins, a connection that has not
-/// sent its first request yet gets a short grace to send it, so it is answered
-/// (with `Connection: close`) rather than closed unanswered; an idle keep-alive
-/// connection is closed at once; one with a request in flight finishes it.
-async fn serve(stream: TcpStream, guard: ConnectionGuard, app: Arc<App>) {
+/// Serves one connection; see [`IDLE_GRACE`] for what happens when draining.
+async fn serve(stream: TcpStream, guard: ConnectionGuard, drain: Drain, app: Arc<App>) {
     let _ = stream.set_nodelay(true);
-    let started = Arc::new(AtomicBool::new(false));
-    let first_request = Arc::new(Notify::new());
-    let service = {
-        let (started, first_request) = (started.clone(), first_request.clone());
-        hyper::service::service_fn(move |request| {
-            if !started.swap(true, Ordering::SeqCst) {
-                first_request.notify_one();
+    let service = hyper::service::service_fn(move |request| {
+        let (app, drain) = (app.clone(), drain.clone());
+        async move {
+            let mut response = handle(request, app).await;
+            if drain.is_draining() {
+                // hyper closes the connection after this response.
+                response
+                    .headers_mut()
+                    .insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
             }
-            handle(request, app.clone())
-        })
-    };
+            Ok::<_, Infallible>(response)
+        }
+    });
     let connection = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
         .serve_connection(TokioIo::new(stream), service);
@@ -197,14 +200,12 @@ async fn serve(stream: TcpStream, guard: ConnectionGuard, app: Arc<App>) {
         _ = connection.as_mut() => return,
         () = guard.draining() => {}
     }
-    if !started.load(Ordering::SeqCst) {
-        tokio::select! {
-            _ = connection.as_mut() => return,
-            () = first_request.notified() => {}
-            () = tokio::time::sleep(FIRST_REQUEST_GRACE) => {}
-            () = guard.cut() => return,
-        }
+    tokio::select! {
+        _ = connection.as_mut() => return,
+        () = tokio::time::sleep(IDLE_GRACE) => {}
+        () = guard.cut() => return,
     }
+    // Still open: close it if idle, or after the request in flight.
     connection.as_mut().graceful_shutdown();
     tokio::select! {
         _ = connection.as_mut() => {}
@@ -212,7 +213,7 @@ async fn serve(stream: TcpStream, guard: ConnectionGuard, app: Arc<App>) {
     }
 }
 
-async fn handle(request: Request<Incoming>, app: Arc<App>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(request: Request<Incoming>, app: Arc<App>) -> Response<Full<Bytes>> {
     let hello = || format!("pid={} generation={}\n", app.pid, app.generation);
     let response = match request.uri().path() {
         "/" => text(StatusCode::OK, hello()),
@@ -224,6 +225,7 @@ async fn handle(request: Request<Incoming>, app: Arc<App>) -> Result<Response<Fu
                 .and_then(|ms| ms.parse::<u64>().ok());
             match ms {
                 Some(ms) => {
+                    say(format_args!("sleeping pid={} ms={ms}", app.pid));
                     tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
                     text(StatusCode::OK, hello())
                 }
@@ -242,7 +244,7 @@ async fn handle(request: Request<Incoming>, app: Arc<App>) -> Result<Response<Fu
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     };
-    Ok(response)
+    response
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

@@ -30,7 +30,14 @@ impl Handoff {
                 source,
             })
         })?;
-        tracing::info!(pid = self.inner.pid, generation = self.inner.generation, listener = name, addr = %shown, "listening");
+        let bound = crate::socket::inspect(std::os::fd::AsFd::as_fd(&fd)).map(|info| info.addr.to_string());
+        tracing::info!(
+            pid = self.inner.pid,
+            generation = self.inner.generation,
+            listener = name,
+            addr = bound.as_deref().unwrap_or(&shown),
+            "listening"
+        );
         Ok(fd)
     }
 

@@ -34,25 +34,55 @@ pub fn secs(value: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|_| format!("{value:?} is not a duration"))
 }
 
-/// Prints a line for every upgrade event of this process.
-pub fn report_upgrades(handoff: &Handoff) {
-    let mut events = handoff.upgrade_events();
-    let pid = std::process::id();
-    let generation = handoff.generation();
-    tokio::spawn(async move {
-        while let Ok(event) = events.recv().await {
-            match event {
-                UpgradeEvent::Started { .. } => {
-                    say(format_args!("upgrade started pid={pid} generation={generation}"))
+/// Prints a line for every upgrade event of this process, until [`finish`](Reporter::finish).
+pub struct Reporter {
+    task: tokio::task::JoinHandle<()>,
+    done: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Reporter {
+    pub fn start(handoff: &Handoff) -> Reporter {
+        let mut events = handoff.upgrade_events();
+        let done = std::sync::Arc::new(tokio::sync::Notify::new());
+        let pid = std::process::id();
+        let generation = handoff.generation();
+        let task = {
+            let done = done.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        biased;
+                        event = events.recv() => match event {
+                            Ok(event) => print_event(pid, generation, &event),
+                            Err(_) => return,
+                        },
+                        () = done.notified() => break,
+                    }
                 }
-                UpgradeEvent::Succeeded { successor } => say(format_args!(
-                    "upgrade succeeded pid={pid} generation={generation} successor={successor}"
-                )),
-                UpgradeEvent::Failed { error } => say(format_args!(
-                    "upgrade failed pid={pid} generation={generation} error={:?}",
-                    error.to_string()
-                )),
-            }
-        }
-    });
+                while let Ok(event) = events.try_recv() {
+                    print_event(pid, generation, &event);
+                }
+            })
+        };
+        Reporter { task, done }
+    }
+
+    /// Prints what is still queued, so no event line is lost at exit.
+    pub async fn finish(self) {
+        self.done.notify_one();
+        let _ = self.task.await;
+    }
+}
+
+fn print_event(pid: u32, generation: u64, event: &UpgradeEvent) {
+    match event {
+        UpgradeEvent::Started { .. } => say(format_args!("upgrade started pid={pid} generation={generation}")),
+        UpgradeEvent::Succeeded { successor } => say(format_args!(
+            "upgrade succeeded pid={pid} generation={generation} successor={successor}"
+        )),
+        UpgradeEvent::Failed { error } => say(format_args!(
+            "upgrade failed pid={pid} generation={generation} error={:?}",
+            error.to_string()
+        )),
+    }
 }
