@@ -82,9 +82,17 @@ async fn run(handoff: Handoff, args: Args) -> Result<ExitCode, Box<dyn std::erro
     for (i, addr) in args.listen.iter().enumerate() {
         let listener = handoff.tcp_listener(&format!("echo{i}"), *addr)?;
         addrs.push(listener.local_addr()?.to_string());
-        accepting.push(tokio::spawn(accept_loop(listener, handoff.clone(), drain.clone(), prefix.clone())));
+        accepting.push(tokio::spawn(accept_loop(
+            listener,
+            handoff.clone(),
+            drain.clone(),
+            prefix.clone(),
+        )));
     }
-    say(format_args!("listening pid={pid} generation={generation} addrs={}", addrs.join(",")));
+    say(format_args!(
+        "listening pid={pid} generation={generation} addrs={}",
+        addrs.join(",")
+    ));
     handoff.ready()?;
     say(format_args!("ready pid={pid} generation={generation}"));
 
@@ -104,7 +112,11 @@ async fn run(handoff: Handoff, args: Args) -> Result<ExitCode, Box<dyn std::erro
         report.cut,
         report.waited.as_millis()
     ));
-    Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn accept_loop(listener: TcpListener, handoff: Handoff, drain: Drain, prefix: Arc<[u8]>) {

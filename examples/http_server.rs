@@ -127,7 +127,10 @@ async fn run(handoff: Handoff, args: Args) -> Result<ExitCode, Box<dyn std::erro
         addrs.join(",")
     ));
     handoff.ready()?;
-    say(format_args!("ready pid={} generation={}", app.pid, app.generation));
+    say(format_args!(
+        "ready pid={} generation={}",
+        app.pid, app.generation
+    ));
 
     let reason = handoff.stopping().await;
     for task in accepting {
@@ -185,9 +188,10 @@ async fn serve(stream: TcpStream, guard: ConnectionGuard, drain: Drain, app: Arc
             let mut response = handle(request, app).await;
             if drain.is_draining() {
                 // hyper closes the connection after this response.
-                response
-                    .headers_mut()
-                    .insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+                response.headers_mut().insert(
+                    hyper::header::CONNECTION,
+                    hyper::header::HeaderValue::from_static("close"),
+                );
             }
             Ok::<_, Infallible>(response)
         }
@@ -238,8 +242,14 @@ async fn handle(request: Request<Incoming>, app: Arc<App>) -> Response<Full<Byte
                 .output()
                 .await;
             match output {
-                Ok(output) => text(StatusCode::OK, String::from_utf8_lossy(&output.stdout).into_owned()),
-                Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot run /bin/sh: {error}\n")),
+                Ok(output) => text(
+                    StatusCode::OK,
+                    String::from_utf8_lossy(&output.stdout).into_owned(),
+                ),
+                Err(error) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("cannot run /bin/sh: {error}\n"),
+                ),
             }
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),

@@ -211,7 +211,9 @@ mod tests {
                 drop(guard);
             });
         }
-        let report = drain.drain(Duration::from_secs(10), std::future::pending()).await;
+        let report = drain
+            .drain(Duration::from_secs(10), std::future::pending())
+            .await;
         assert_eq!(report.cut, 0);
         assert!(!report.forced);
         assert!(report.waited < Duration::from_secs(10));
@@ -225,6 +227,8 @@ mod tests {
         assert_eq!(report.cut, 1);
         assert!(report.forced);
         // The guard is told to close now.
-        tokio::time::timeout(Duration::from_secs(5), guard.cut()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), guard.cut())
+            .await
+            .unwrap();
     }
 }

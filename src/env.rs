@@ -89,7 +89,9 @@ static TAKEN: Mutex<bool> = Mutex::new(false);
 /// Reads, validates and removes the handoff variables, and takes ownership of
 /// the inherited fds. Returns `None` if an earlier call already did.
 pub(crate) fn take_from_process() -> Option<Result<(StartEnv, Vec<InheritedFd>), EnvError>> {
-    let mut taken = TAKEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut taken = TAKEN
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let values: Vec<(&str, Option<OsString>)> = CONSUMED
         .iter()
         .map(|&var| (var, std::env::var_os(var)))
@@ -107,8 +109,8 @@ pub(crate) fn take_from_process() -> Option<Result<(StartEnv, Vec<InheritedFd>),
             .find(|(var, _)| *var == name)
             .and_then(|(_, value)| value.clone())
     };
-    let result = parse(get, std::process::id())
-        .and_then(|env| claim_fds(&env.fds).map(|fds| (env, fds)));
+    let result =
+        parse(get, std::process::id()).and_then(|env| claim_fds(&env.fds).map(|fds| (env, fds)));
     Some(result)
 }
 
@@ -130,21 +132,20 @@ pub(crate) fn parse(
     let text = |var: &'static str| -> Result<Option<String>, EnvError> {
         match get(var) {
             None => Ok(None),
-            Some(value) => value.into_string().map(Some).map_err(|value| EnvError::Invalid {
-                var,
-                value: value.to_string_lossy().into_owned(),
-                reason: "not valid UTF-8".into(),
-            }),
+            Some(value) => value
+                .into_string()
+                .map(Some)
+                .map_err(|value| EnvError::Invalid {
+                    var,
+                    value: value.to_string_lossy().into_owned(),
+                    reason: "not valid UTF-8".into(),
+                }),
         }
     };
     let notify = |var: &'static str| -> Result<Option<NotifyAddr>, EnvError> {
         text(var)?
             .map(|value| {
-                NotifyAddr::parse(&value).map_err(|reason| EnvError::Invalid {
-                    var,
-                    value,
-                    reason,
-                })
+                NotifyAddr::parse(&value).map_err(|reason| EnvError::Invalid { var, value, reason })
             })
             .transpose()
     };
@@ -152,11 +153,17 @@ pub(crate) fn parse(
     if let Some(value) = text(HANDOFF_GENERATION)? {
         let generation = parse_number(HANDOFF_GENERATION, &value)?;
         if generation < 2 {
-            return Err(invalid(HANDOFF_GENERATION, &value, "a successor's generation is at least 2"));
+            return Err(invalid(
+                HANDOFF_GENERATION,
+                &value,
+                "a successor's generation is at least 2",
+            ));
         }
         let notify_parent = notify(NOTIFY_SOCKET)?.ok_or_else(|| EnvError::Missing {
             var: NOTIFY_SOCKET,
-            reason: format!("{HANDOFF_GENERATION} is set, so the parent's notify socket must be too"),
+            reason: format!(
+                "{HANDOFF_GENERATION} is set, so the parent's notify socket must be too"
+            ),
         })?;
         let fds = match text(LISTEN_FDS)? {
             None => Vec::new(),
@@ -202,7 +209,11 @@ pub(crate) fn parse(
     };
     let target = parse_number(LISTEN_PID, &listen_pid)?;
     if target != u64::from(pid) {
-        tracing::debug!(listen_pid = target, pid, "LISTEN_PID names another process; ignoring LISTEN_FDS");
+        tracing::debug!(
+            listen_pid = target,
+            pid,
+            "LISTEN_PID names another process; ignoring LISTEN_FDS"
+        );
         return Ok(fresh(notify_upstream));
     }
     let Some(count) = text(LISTEN_FDS)? else {
@@ -210,10 +221,17 @@ pub(crate) fn parse(
     };
     let count = parse_count(&count)?;
     if count == 0 {
-        return Err(invalid(LISTEN_FDS, "0", "socket activation passes at least one fd"));
+        return Err(invalid(
+            LISTEN_FDS,
+            "0",
+            "socket activation passes at least one fd",
+        ));
     }
     let names: Vec<Option<String>> = match text(LISTEN_FDNAMES)? {
-        Some(names) => parse_names(&names, count, false)?.into_iter().map(Some).collect(),
+        Some(names) => parse_names(&names, count, false)?
+            .into_iter()
+            .map(Some)
+            .collect(),
         None => vec![None; count],
     };
     Ok(StartEnv {
@@ -249,7 +267,11 @@ fn parse_number(var: &'static str, value: &str) -> Result<u64, EnvError> {
 fn parse_count(value: &str) -> Result<usize, EnvError> {
     let count = parse_number(LISTEN_FDS, value)?;
     if count > MAX_FDS as u64 {
-        return Err(invalid(LISTEN_FDS, value, &format!("more than {MAX_FDS} fds")));
+        return Err(invalid(
+            LISTEN_FDS,
+            value,
+            &format!("more than {MAX_FDS} fds"),
+        ));
     }
     Ok(count as usize)
 }
@@ -278,10 +300,18 @@ fn parse_names(value: &str, count: usize, strict: bool) -> Result<Vec<String>, E
             None
         };
         if let Some(reason) = problem {
-            return Err(invalid(LISTEN_FDNAMES, value, &format!("name {i} ({name:?}) is {reason}")));
+            return Err(invalid(
+                LISTEN_FDNAMES,
+                value,
+                &format!("name {i} ({name:?}) is {reason}"),
+            ));
         }
         if strict && names[..i].contains(name) {
-            return Err(invalid(LISTEN_FDNAMES, value, &format!("name {name:?} appears twice")));
+            return Err(invalid(
+                LISTEN_FDNAMES,
+                value,
+                &format!("name {name:?} appears twice"),
+            ));
         }
     }
     Ok(names)
@@ -358,7 +388,16 @@ mod tests {
 
     fn with(var: &str, value: &str) -> Vec<(&'static str, String)> {
         GOOD.iter()
-            .map(|(k, v)| (*k, if *k == var { value.to_owned() } else { (*v).to_owned() }))
+            .map(|(k, v)| {
+                (
+                    *k,
+                    if *k == var {
+                        value.to_owned()
+                    } else {
+                        (*v).to_owned()
+                    },
+                )
+            })
             .collect()
     }
 
@@ -416,7 +455,11 @@ mod tests {
     #[test]
     fn successor_requires_its_companions() {
         for missing in ["NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDNAMES"] {
-            let vars: Vec<(&str, &str)> = GOOD.iter().copied().filter(|(k, _)| *k != missing).collect();
+            let vars: Vec<(&str, &str)> = GOOD
+                .iter()
+                .copied()
+                .filter(|(k, _)| *k != missing)
+                .collect();
             let message = err(&vars);
             assert!(message.contains(missing), "{missing}: {message}");
         }
@@ -435,17 +478,34 @@ mod tests {
         assert!(env.fds.is_empty());
         // systemd may repeat names (one socket unit, several ListenStream=).
         let env = run(
-            &[("LISTEN_PID", "100"), ("LISTEN_FDS", "2"), ("LISTEN_FDNAMES", "web:web")],
+            &[
+                ("LISTEN_PID", "100"),
+                ("LISTEN_FDS", "2"),
+                ("LISTEN_FDNAMES", "web:web"),
+            ],
             100,
         )
         .unwrap();
         assert_eq!(env.fds.len(), 2);
         for (vars, var) in [
-            (&[("LISTEN_PID", "x1"), ("LISTEN_FDS", "1")][..], "LISTEN_PID"),
-            (&[("LISTEN_PID", "100"), ("LISTEN_FDS", "0")][..], "LISTEN_FDS"),
-            (&[("LISTEN_PID", "100"), ("LISTEN_FDS", "one")][..], "LISTEN_FDS"),
             (
-                &[("LISTEN_PID", "100"), ("LISTEN_FDS", "1"), ("LISTEN_FDNAMES", "a:b")][..],
+                &[("LISTEN_PID", "x1"), ("LISTEN_FDS", "1")][..],
+                "LISTEN_PID",
+            ),
+            (
+                &[("LISTEN_PID", "100"), ("LISTEN_FDS", "0")][..],
+                "LISTEN_FDS",
+            ),
+            (
+                &[("LISTEN_PID", "100"), ("LISTEN_FDS", "one")][..],
+                "LISTEN_FDS",
+            ),
+            (
+                &[
+                    ("LISTEN_PID", "100"),
+                    ("LISTEN_FDS", "1"),
+                    ("LISTEN_FDNAMES", "a:b"),
+                ][..],
                 "LISTEN_FDNAMES",
             ),
         ] {

@@ -77,7 +77,7 @@ pub enum Error {
     },
     /// An inherited fd has the requested name but is of another kind.
     #[error(
-        "inherited fd {fd} named {name:?} (LISTEN_FDNAMES) is {found}, but {expected} was requested"
+        "inherited fd {fd} named {name:?} (LISTEN_FDNAMES) is not {expected} (found: {found})"
     )]
     WrongKind {
         /// The name.
@@ -127,7 +127,9 @@ pub enum Error {
     #[error("ready() was already called")]
     AlreadyReady,
     /// Telling the parent that this process is ready failed.
-    #[error("cannot tell the parent (NOTIFY_SOCKET={socket}) that this process is ready: {source}")]
+    #[error(
+        "cannot tell the parent (NOTIFY_SOCKET={socket}) that this process is ready: {source}"
+    )]
     NotifyParent {
         /// The parent's notify socket.
         socket: String,

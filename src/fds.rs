@@ -65,7 +65,10 @@ impl Registry {
         let (fd, bound_path) = match self.find_inherited(name, wanted)? {
             Some(index) => {
                 let inherited = self.inherited[index].take();
-                (inherited.expect("find_inherited returns occupied slots").fd, None)
+                (
+                    inherited.expect("find_inherited returns occupied slots").fd,
+                    None,
+                )
             }
             None => {
                 self.check_address_free(name, wanted)?;
@@ -92,7 +95,10 @@ impl Registry {
             .inherited
             .iter()
             .enumerate()
-            .filter(|(_, slot)| slot.as_ref().is_some_and(|i| i.name.as_deref() == Some(name)))
+            .filter(|(_, slot)| {
+                slot.as_ref()
+                    .is_some_and(|i| i.name.as_deref() == Some(name))
+            })
             .map(|(index, _)| index)
             .collect();
         let mut first_error = None;
@@ -113,8 +119,9 @@ impl Registry {
         let unnamed = self.inherited.iter().position(|slot| {
             slot.as_ref().is_some_and(|i| {
                 matches!(i.name.as_deref(), None | Some(UNKNOWN) | Some(""))
-                    && inspect(i.fd.as_fd())
-                        .is_ok_and(|info| info.kind == Some(wanted.kind) && info.addr == wanted.addr)
+                    && inspect(i.fd.as_fd()).is_ok_and(|info| {
+                        info.kind == Some(wanted.kind) && info.addr == wanted.addr
+                    })
             })
         });
         Ok(unnamed)
@@ -154,11 +161,12 @@ impl Registry {
         if wanted.kind == FdKind::Other {
             return Ok(());
         }
-        let inherited = self
-            .inherited
-            .iter()
-            .flatten()
-            .map(|i| (i.name.clone().unwrap_or_else(|| UNKNOWN.to_owned()), i.fd.as_fd()));
+        let inherited = self.inherited.iter().flatten().map(|i| {
+            (
+                i.name.clone().unwrap_or_else(|| UNKNOWN.to_owned()),
+                i.fd.as_fd(),
+            )
+        });
         let registered = self.entries.iter().map(|e| (e.name.clone(), e.fd.as_fd()));
         for (other, fd) in inherited.chain(registered) {
             if let Ok(info) = inspect(fd) {

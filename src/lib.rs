@@ -68,3 +68,8 @@ pub use error::{EnvError, Error, UpgradeError};
 pub use socket::FdKind;
 pub use upgrade::{UpgradeEvent, UpgradeTicket};
 pub use upgrader::{Builder, Handoff, StopReason, DEFAULT_UPGRADE_TIMEOUT};
+
+/// The README's code examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -30,7 +30,8 @@ impl Handoff {
                 source,
             })
         })?;
-        let bound = crate::socket::inspect(std::os::fd::AsFd::as_fd(&fd)).map(|info| info.addr.to_string());
+        let bound =
+            crate::socket::inspect(std::os::fd::AsFd::as_fd(&fd)).map(|info| info.addr.to_string());
         tracing::info!(
             pid = self.inner.pid,
             generation = self.inner.generation,
@@ -49,7 +50,11 @@ impl Handoff {
     /// let listener = handoff.std_tcp_listener("http", "[::1]:8080".parse().unwrap())?;
     /// # Ok::<(), handoff::Error>(())
     /// ```
-    pub fn std_tcp_listener(&self, name: &str, addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
+    pub fn std_tcp_listener(
+        &self,
+        name: &str,
+        addr: SocketAddr,
+    ) -> Result<std::net::TcpListener, Error> {
         let fd = self.claim_socket(name, FdKind::TcpListener, LocalAddr::Inet(addr), || {
             bind_tcp(addr).map(|fd| (fd, None))
         })?;
@@ -64,7 +69,11 @@ impl Handoff {
     /// let (stream, peer) = listener.accept().await.unwrap();
     /// # Ok(()) }
     /// ```
-    pub fn tcp_listener(&self, name: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
+    pub fn tcp_listener(
+        &self,
+        name: &str,
+        addr: SocketAddr,
+    ) -> Result<tokio::net::TcpListener, Error> {
         let listener = self.std_tcp_listener(name, addr)?;
         to_tokio(name, listener, tokio::net::TcpListener::from_std)
     }
@@ -76,7 +85,11 @@ impl Handoff {
     /// let socket = handoff.std_udp_socket("dns", "127.0.0.1:5353".parse().unwrap())?;
     /// # Ok::<(), handoff::Error>(())
     /// ```
-    pub fn std_udp_socket(&self, name: &str, addr: SocketAddr) -> Result<std::net::UdpSocket, Error> {
+    pub fn std_udp_socket(
+        &self,
+        name: &str,
+        addr: SocketAddr,
+    ) -> Result<std::net::UdpSocket, Error> {
         let fd = self.claim_socket(name, FdKind::Udp, LocalAddr::Inet(addr), || {
             bind_udp(addr).map(|fd| (fd, None))
         })?;
@@ -104,11 +117,18 @@ impl Handoff {
     /// let listener = handoff.std_unix_listener("admin", "/run/myserver/admin.sock")?;
     /// # Ok::<(), handoff::Error>(())
     /// ```
-    pub fn std_unix_listener(&self, name: &str, path: impl AsRef<Path>) -> Result<std::os::unix::net::UnixListener, Error> {
+    pub fn std_unix_listener(
+        &self,
+        name: &str,
+        path: impl AsRef<Path>,
+    ) -> Result<std::os::unix::net::UnixListener, Error> {
         let path = path.as_ref();
-        let fd = self.claim_socket(name, FdKind::UnixListener, LocalAddr::Unix(path.to_path_buf()), || {
-            bind_unix(path, SockType::Stream).map(|(fd, bound)| (fd, Some(bound)))
-        })?;
+        let fd = self.claim_socket(
+            name,
+            FdKind::UnixListener,
+            LocalAddr::Unix(path.to_path_buf()),
+            || bind_unix(path, SockType::Stream).map(|(fd, bound)| (fd, Some(bound))),
+        )?;
         Ok(fd.into())
     }
 
@@ -119,7 +139,11 @@ impl Handoff {
     /// let listener = handoff.unix_listener("admin", "/run/myserver/admin.sock")?;
     /// # Ok(()) }
     /// ```
-    pub fn unix_listener(&self, name: &str, path: impl AsRef<Path>) -> Result<tokio::net::UnixListener, Error> {
+    pub fn unix_listener(
+        &self,
+        name: &str,
+        path: impl AsRef<Path>,
+    ) -> Result<tokio::net::UnixListener, Error> {
         let listener = self.std_unix_listener(name, path)?;
         to_tokio(name, listener, tokio::net::UnixListener::from_std)
     }
@@ -131,11 +155,18 @@ impl Handoff {
     /// let socket = handoff.std_unix_datagram("log", "/run/myserver/log.sock")?;
     /// # Ok::<(), handoff::Error>(())
     /// ```
-    pub fn std_unix_datagram(&self, name: &str, path: impl AsRef<Path>) -> Result<std::os::unix::net::UnixDatagram, Error> {
+    pub fn std_unix_datagram(
+        &self,
+        name: &str,
+        path: impl AsRef<Path>,
+    ) -> Result<std::os::unix::net::UnixDatagram, Error> {
         let path = path.as_ref();
-        let fd = self.claim_socket(name, FdKind::UnixDatagram, LocalAddr::Unix(path.to_path_buf()), || {
-            bind_unix(path, SockType::Datagram).map(|(fd, bound)| (fd, Some(bound)))
-        })?;
+        let fd = self.claim_socket(
+            name,
+            FdKind::UnixDatagram,
+            LocalAddr::Unix(path.to_path_buf()),
+            || bind_unix(path, SockType::Datagram).map(|(fd, bound)| (fd, Some(bound))),
+        )?;
         Ok(fd.into())
     }
 
@@ -146,7 +177,11 @@ impl Handoff {
     /// let socket = handoff.unix_datagram("log", "/run/myserver/log.sock")?;
     /// # Ok(()) }
     /// ```
-    pub fn unix_datagram(&self, name: &str, path: impl AsRef<Path>) -> Result<tokio::net::UnixDatagram, Error> {
+    pub fn unix_datagram(
+        &self,
+        name: &str,
+        path: impl AsRef<Path>,
+    ) -> Result<tokio::net::UnixDatagram, Error> {
         let socket = self.std_unix_datagram(name, path)?;
         to_tokio(name, socket, tokio::net::UnixDatagram::from_std)
     }
@@ -163,7 +198,11 @@ impl Handoff {
     /// })?;
     /// # Ok::<(), handoff::Error>(())
     /// ```
-    pub fn fd(&self, name: &str, create: impl FnOnce() -> io::Result<OwnedFd>) -> Result<OwnedFd, Error> {
+    pub fn fd(
+        &self,
+        name: &str,
+        create: impl FnOnce() -> io::Result<OwnedFd>,
+    ) -> Result<OwnedFd, Error> {
         let wanted = Wanted {
             kind: FdKind::Other,
             addr: LocalAddr::Unnamed,
@@ -176,14 +215,23 @@ impl Handoff {
     }
 }
 
-fn to_tokio<S, T>(name: &str, socket: S, convert: impl FnOnce(S) -> io::Result<T>) -> Result<T, Error>
+fn to_tokio<S, T>(
+    name: &str,
+    socket: S,
+    convert: impl FnOnce(S) -> io::Result<T>,
+) -> Result<T, Error>
 where
     S: SetNonblocking,
 {
     socket
         .set_nonblocking_mode()
         .and_then(|()| convert(socket))
-        .map_err(|e| Error::io(format!("cannot register {name:?} with the tokio runtime"), e))
+        .map_err(|e| {
+            Error::io(
+                format!("cannot register {name:?} with the tokio runtime"),
+                e,
+            )
+        })
 }
 
 /// The std socket types' `set_nonblocking`, behind one name.

@@ -48,7 +48,10 @@ impl NotifyAddr {
         let socket = StdUnixDatagram::unbound()?;
         let sent = socket.send_to_addr(message.as_bytes(), &self.socket_addr()?)?;
         if sent != message.len() {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "notify message truncated"));
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "notify message truncated",
+            ));
         }
         Ok(())
     }
@@ -120,7 +123,8 @@ impl NotifyListener {
             .async_io(Interest::READABLE, || {
                 let mut buf = [0u8; 4096];
                 let mut iov = [IoSliceMut::new(&mut buf)];
-                let mut space = nix::cmsg_space!(nix::sys::socket::UnixCredentials, [std::os::fd::RawFd; 4]);
+                let mut space =
+                    nix::cmsg_space!(nix::sys::socket::UnixCredentials, [std::os::fd::RawFd; 4]);
                 let msg = recvmsg::<UnixAddr>(
                     fd,
                     &mut iov,
@@ -139,7 +143,11 @@ impl NotifyListener {
                                 // SAFETY: the kernel just installed these fds
                                 // in this process for this message; nobody else
                                 // knows them, and we do not want them.
-                                drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+                                drop(unsafe {
+                                    <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(
+                                        fd,
+                                    )
+                                });
                             }
                         }
                         _ => {}
@@ -172,7 +180,10 @@ mod tests {
             NotifyAddr::parse("/run/systemd/notify"),
             Ok(NotifyAddr::Path("/run/systemd/notify".into()))
         );
-        assert_eq!(NotifyAddr::parse("@x"), Ok(NotifyAddr::Abstract(b"x".to_vec())));
+        assert_eq!(
+            NotifyAddr::parse("@x"),
+            Ok(NotifyAddr::Abstract(b"x".to_vec()))
+        );
         assert!(NotifyAddr::parse("@").is_err());
         assert!(NotifyAddr::parse("run/notify").is_err());
         assert_eq!(NotifyAddr::parse("@abc").unwrap().to_string(), "@abc");

@@ -47,7 +47,11 @@ impl Handoff {
                 if stop_signals == 1 {
                     handoff.request_stop(StopReason::Signal(name));
                 } else {
-                    tracing::warn!(pid = handoff.inner.pid, signal = name, "second stop signal: stopping now");
+                    tracing::warn!(
+                        pid = handoff.inner.pid,
+                        signal = name,
+                        "second stop signal: stopping now"
+                    );
                     handoff.force_stop();
                 }
             }

@@ -114,10 +114,10 @@ pub(crate) fn inspect(fd: BorrowedFd<'_>) -> io::Result<FdInfo> {
     let format = stat.st_mode & libc::S_IFMT;
     if format != libc::S_IFSOCK {
         let what = match format {
-            libc::S_IFREG => "a regular file",
-            libc::S_IFIFO => "a pipe",
-            libc::S_IFCHR => "a character device",
-            libc::S_IFDIR => "a directory",
+            libc::S_IFREG => "regular file",
+            libc::S_IFIFO => "pipe",
+            libc::S_IFCHR => "character device",
+            libc::S_IFDIR => "directory",
             _ => "not a socket",
         };
         return Ok(FdInfo {
@@ -154,7 +154,7 @@ pub(crate) fn inspect(fd: BorrowedFd<'_>) -> io::Result<FdInfo> {
     };
     Ok(FdInfo {
         kind,
-        description: format!("a {family} {what} bound to {addr}"),
+        description: format!("{family} {what} bound to {addr}"),
         addr,
     })
 }
@@ -221,7 +221,9 @@ impl BoundPath {
                     tracing::warn!(path = %self.path.display(), %error, "cannot unlink socket path");
                 }
             }
-            _ => tracing::debug!(path = %self.path.display(), "socket path is no longer ours; left alone"),
+            _ => {
+                tracing::debug!(path = %self.path.display(), "socket path is no longer ours; left alone")
+            }
         }
     }
 }

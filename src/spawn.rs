@@ -46,7 +46,10 @@ pub(crate) struct Child {
 
 fn cstring(bytes: &[u8], what: &str) -> io::Result<CString> {
     CString::new(bytes).map_err(|_| {
-        io::Error::new(io::ErrorKind::InvalidInput, format!("{what} contains a NUL byte"))
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what} contains a NUL byte"),
+        )
     })
 }
 
@@ -89,9 +92,8 @@ fn prepare(spec: &SpawnSpec<'_>) -> io::Result<Prepared> {
         extra.push((LISTEN_FDS, spec.fds.len().to_string().into()));
         extra.push((LISTEN_FDNAMES, names.join(":").into()));
     }
-    let replaced = |key: &OsStr| {
-        key == LISTEN_PID || extra.iter().any(|(k, _)| OsStr::new(k) == key)
-    };
+    let replaced =
+        |key: &OsStr| key == LISTEN_PID || extra.iter().any(|(k, _)| OsStr::new(k) == key);
     let mut env = Vec::new();
     for (key, value) in std::env::vars_os() {
         if !replaced(&key) {
@@ -207,7 +209,8 @@ unsafe fn exec_child(p: &mut Prepared, err_fd: RawFd) -> ! {
 
 /// Starts the successor and returns once `execve` succeeded. Needs a tokio runtime.
 pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> Result<Child, UpgradeError> {
-    let mut prepared = prepare(spec).map_err(|e| UpgradeError::io("cannot prepare the new process", e))?;
+    let mut prepared =
+        prepare(spec).map_err(|e| UpgradeError::io("cannot prepare the new process", e))?;
     let (err_read, err_write) = pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| UpgradeError::io("cannot create a pipe", e.into()))?;
     // SAFETY: the child runs only exec_child, which makes async-signal-safe
@@ -219,7 +222,10 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> Result<Child, UpgradeError> {
     };
     drop(err_write);
     let mut child = Child { pid, pidfd: None };
-    child.pidfd = Some(open_pidfd(pid).map_err(|e| UpgradeError::io("cannot open a pidfd for the new process", e))?);
+    child.pidfd = Some(
+        open_pidfd(pid)
+            .map_err(|e| UpgradeError::io("cannot open a pidfd for the new process", e))?,
+    );
 
     // The pipe closes on a successful execve; otherwise it carries errno.
     let mut buf = Vec::new();
@@ -235,7 +241,10 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> Result<Child, UpgradeError> {
         return Err(if errno == libc::ENOENT {
             UpgradeError::BinaryMissing { program }
         } else {
-            UpgradeError::NotExecutable { program, source: std::sync::Arc::new(source) }
+            UpgradeError::NotExecutable {
+                program,
+                source: std::sync::Arc::new(source),
+            }
         });
     }
     Ok(child)

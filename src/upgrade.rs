@@ -124,7 +124,12 @@ impl UpgradeTicket {
                     successor: *successor,
                 };
                 lock(&inner.registry).release();
-                tracing::info!(pid = inner.pid, generation = inner.generation, successor, "upgrade succeeded");
+                tracing::info!(
+                    pid = inner.pid,
+                    generation = inner.generation,
+                    successor,
+                    "upgrade succeeded"
+                );
                 let _ = inner.events.send(UpgradeEvent::Succeeded {
                     successor: *successor,
                 });
@@ -168,7 +173,10 @@ async fn attempt(handoff: &Handoff) -> Result<u32, UpgradeError> {
     let listener = NotifyListener::bind()
         .map_err(|e| UpgradeError::io("cannot create the private notify socket", e))?;
     let mut env: Vec<(&'static str, OsString)> = vec![
-        (HANDOFF_GENERATION, (inner.generation + 1).to_string().into()),
+        (
+            HANDOFF_GENERATION,
+            (inner.generation + 1).to_string().into(),
+        ),
         (NOTIFY_SOCKET, listener.addr().to_string().into()),
     ];
     if let Some(upstream) = &inner.notify_upstream {
@@ -186,7 +194,12 @@ async fn attempt(handoff: &Handoff) -> Result<u32, UpgradeError> {
         })?
     };
     let pid = child.pid();
-    tracing::info!(pid = inner.pid, successor = pid, listeners = lock(&inner.registry).len(), "successor started; waiting for READY=1");
+    tracing::info!(
+        pid = inner.pid,
+        successor = pid,
+        listeners = lock(&inner.registry).len(),
+        "successor started; waiting for READY=1"
+    );
 
     let deadline = tokio::time::sleep(inner.upgrade_timeout);
     tokio::pin!(deadline);

@@ -56,7 +56,11 @@ impl Builder {
 
     /// Start `program` with `args` (not including `argv[0]`) as the successor,
     /// instead of the binary and arguments this process was started with.
-    pub fn command(mut self, program: impl Into<PathBuf>, args: impl IntoIterator<Item = impl Into<OsString>>) -> Self {
+    pub fn command(
+        mut self,
+        program: impl Into<PathBuf>,
+        args: impl IntoIterator<Item = impl Into<OsString>>,
+    ) -> Self {
         self.command = Some((program.into(), args.into_iter().map(Into::into).collect()));
         self
     }
@@ -69,7 +73,8 @@ impl Builder {
     /// once per process; a second call returns [`Error::AlreadyBuilt`].
     pub fn build(self) -> Result<Handoff, Error> {
         let (start, inherited) = env::take_from_process().ok_or(Error::AlreadyBuilt)??;
-        let cwd = std::env::current_dir().map_err(|e| Error::io("cannot read the working directory", e))?;
+        let cwd = std::env::current_dir()
+            .map_err(|e| Error::io("cannot read the working directory", e))?;
         let (program, args) = match self.command {
             Some((program, args)) => {
                 let mut argv = vec![program.clone().into_os_string()];
@@ -195,7 +200,9 @@ pub(crate) struct Inner {
 /// Locks a mutex, recovering the data if a panicking thread poisoned it: every
 /// critical section here leaves the data consistent.
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl std::fmt::Debug for Handoff {
@@ -271,7 +278,10 @@ impl Handoff {
         }
         if let Some(pid_file) = &inner.pid_file {
             pid_file.write(inner.pid).map_err(|e| {
-                Error::io(format!("cannot write the PID file {}", pid_file.path().display()), e)
+                Error::io(
+                    format!("cannot write the PID file {}", pid_file.path().display()),
+                    e,
+                )
             })?;
         }
         if let Some(parent) = &inner.notify_parent {

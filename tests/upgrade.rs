@@ -22,7 +22,11 @@ fn zero_failed_requests_through_20_upgrades() {
         let new = server.upgrade_ok();
         // A new connection is answered by the new generation.
         let response = get(server.addr(), "/").expect("GET / after the upgrade");
-        assert_eq!(response.pid(), Some(new), "new connections go to the successor");
+        assert_eq!(
+            response.pid(),
+            Some(new),
+            "new connections go to the successor"
+        );
         assert!(!pids.contains(&new), "each upgrade starts a new process");
         pids.push(new);
         load.wait_for_more(100);
@@ -37,9 +41,16 @@ fn zero_failed_requests_through_20_upgrades() {
     );
     assert_eq!(stats.failed, 0, "failed requests: {:?}", stats.errors);
     assert!(stats.ok > 2000, "the load ran: {} requests", stats.ok);
-    assert_eq!(server.processes(), vec![*pids.last().unwrap()], "exactly one process serves at the end");
+    assert_eq!(
+        server.processes(),
+        vec![*pids.last().unwrap()],
+        "exactly one process serves at the end"
+    );
     let expected: BTreeSet<u32> = pids.iter().copied().collect();
-    assert!(stats.pids.is_subset(&expected), "only our generations answered");
+    assert!(
+        stats.pids.is_subset(&expected),
+        "only our generations answered"
+    );
 }
 
 /// A slow request sent just before an upgrade completes, answered by the old PID.
@@ -53,18 +64,30 @@ fn in_flight_request_survives_an_upgrade() {
         client.get("/sleep?ms=2000")
     });
     // Wait until the old process has the request in hand.
-    server.events.wait(0, DEADLINE, "the slow request to start", |l| {
-        l.is("sleeping") && l.num("pid") == u64::from(old)
-    });
+    server
+        .events
+        .wait(0, DEADLINE, "the slow request to start", |l| {
+            l.is("sleeping") && l.num("pid") == u64::from(old)
+        });
     let new = server.upgrade().expect("upgrade");
-    let (_, stopping) = server.events.wait(0, DEADLINE, "the old process to stop", |l| {
-        l.is("stopping") && l.num("pid") == u64::from(old)
-    });
-    assert!(stopping.num("connections") >= 1, "the slow request was in flight: {}", stopping.raw);
+    let (_, stopping) = server
+        .events
+        .wait(0, DEADLINE, "the old process to stop", |l| {
+            l.is("stopping") && l.num("pid") == u64::from(old)
+        });
+    assert!(
+        stopping.num("connections") >= 1,
+        "the slow request was in flight: {}",
+        stopping.raw
+    );
     let response = slow.join().unwrap().expect("the slow request completes");
     assert_eq!(response.status, 200);
     assert_eq!(response.pid(), Some(old), "answered by the old process");
-    assert_eq!(wait_exit(old, DEADLINE), Some(Some(0)), "the old process drained and exited 0");
+    assert_eq!(
+        wait_exit(old, DEADLINE),
+        Some(Some(0)),
+        "the old process drained and exited 0"
+    );
     assert_eq!(get(addr, "/").unwrap().pid(), Some(new));
 }
 
@@ -100,12 +123,16 @@ fn signal_storm_runs_one_upgrade_at_a_time() {
             && count("upgrade succeeded") == count("exit")
     };
     wait_until(&server, "the storm to settle", || {
-        let lines: Vec<Line> = server.events.snapshot().iter().map(|l| Line::parse(l)).collect();
+        let lines: Vec<Line> = server
+            .events
+            .snapshot()
+            .iter()
+            .map(|l| Line::parse(l))
+            .collect();
         settled(&lines)
     });
     load.wait_for_more(100);
     let stats = load.stop();
-    let lines: Vec<Line> = server.events.snapshot().iter().map(|l| Line::parse(l)).collect();
 
     // At most one upgrade in flight. The library's log lines are written
     // synchronously by every generation to one shared stderr file, so their
@@ -117,15 +144,27 @@ fn signal_storm_runs_one_upgrade_at_a_time() {
     let mut ready: BTreeSet<u64> = BTreeSet::new();
     let mut upgrades = 0;
     for line in &logs {
-        let pid = line.fields.get("pid").and_then(|p| p.parse::<u64>().ok()).unwrap_or(0);
+        let pid = line
+            .fields
+            .get("pid")
+            .and_then(|p| p.parse::<u64>().ok())
+            .unwrap_or(0);
         match line.kind.as_str() {
             "ready" => {
                 ready.insert(pid);
             }
             "upgrade started" => {
-                assert!(ready.contains(&pid), "pid {pid} upgraded before it was ready: {}", line.raw);
+                assert!(
+                    ready.contains(&pid),
+                    "pid {pid} upgraded before it was ready: {}",
+                    line.raw
+                );
                 let was_running = running.insert(pid, true).unwrap_or(false);
-                assert!(!was_running, "two upgrades in flight in pid {pid}: {}", line.raw);
+                assert!(
+                    !was_running,
+                    "two upgrades in flight in pid {pid}: {}",
+                    line.raw
+                );
                 upgrades += 1;
             }
             "upgrade succeeded" | "upgrade failed; still serving" => {
@@ -142,6 +181,10 @@ fn signal_storm_runs_one_upgrade_at_a_time() {
     assert!(upgrades >= 1, "the storm triggered at least one upgrade");
     assert_eq!(stats.failed, 0, "failed requests: {:?}", stats.errors);
     let serving = server.serving_pid();
-    assert_eq!(server.processes(), vec![serving], "exactly one process serves");
+    assert_eq!(
+        server.processes(),
+        vec![serving],
+        "exactly one process serves"
+    );
     assert_eq!(get(server.addr(), "/").unwrap().pid(), Some(serving));
 }

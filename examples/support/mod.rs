@@ -76,7 +76,9 @@ impl Reporter {
 
 fn print_event(pid: u32, generation: u64, event: &UpgradeEvent) {
     match event {
-        UpgradeEvent::Started { .. } => say(format_args!("upgrade started pid={pid} generation={generation}")),
+        UpgradeEvent::Started { .. } => say(format_args!(
+            "upgrade started pid={pid} generation={generation}"
+        )),
         UpgradeEvent::Succeeded { successor } => say(format_args!(
             "upgrade succeeded pid={pid} generation={generation} successor={successor}"
         )),

@@ -48,13 +48,20 @@ pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
 }
 
 /// Sends one GET on `stream` and reads the response.
-pub fn exchange(stream: &mut BufReader<TcpStream>, path: &str, keep_alive: bool) -> Result<Response, Failure> {
+pub fn exchange(
+    stream: &mut BufReader<TcpStream>,
+    path: &str,
+    keep_alive: bool,
+) -> Result<Response, Failure> {
     let connection = if keep_alive { "keep-alive" } else { "close" };
     let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: {connection}\r\n\r\n");
-    stream.get_mut().write_all(request.as_bytes()).map_err(|e| Failure {
-        error: format!("write: {e}"),
-        got_bytes: false,
-    })?;
+    stream
+        .get_mut()
+        .write_all(request.as_bytes())
+        .map_err(|e| Failure {
+            error: format!("write: {e}"),
+            got_bytes: false,
+        })?;
     read_response(stream)
 }
 
@@ -62,7 +69,12 @@ fn read_response(stream: &mut BufReader<TcpStream>) -> Result<Response, Failure>
     let fail = |error: String, got_bytes: bool| Failure { error, got_bytes };
     let mut status_line = String::new();
     match stream.read_line(&mut status_line) {
-        Ok(0) => return Err(fail("connection closed before any response byte".into(), false)),
+        Ok(0) => {
+            return Err(fail(
+                "connection closed before any response byte".into(),
+                false,
+            ))
+        }
         Ok(_) => {}
         // A reset or timeout with nothing read: no response byte arrived.
         Err(e) => return Err(fail(format!("read status: {e}"), !status_line.is_empty())),
@@ -158,7 +170,8 @@ impl KeepAlive {
         }
         let stream = connect(self.addr).map_err(|e| format!("connect: {e}"))?;
         let mut stream = BufReader::new(stream);
-        let response = exchange(&mut stream, path, true).map_err(|f| format!("on a new connection: {}", f.error))?;
+        let response = exchange(&mut stream, path, true)
+            .map_err(|f| format!("on a new connection: {}", f.error))?;
         if !response.close {
             self.stream = Some(stream);
         }

@@ -50,9 +50,15 @@ impl Load {
             let stop = stop.clone();
             let progress = progress.clone();
             let keep_alive = i >= fresh;
-            threads.push(std::thread::spawn(move || client(addr, keep_alive, &stop, &progress)));
+            threads.push(std::thread::spawn(move || {
+                client(addr, keep_alive, &stop, &progress)
+            }));
         }
-        Load { stop, threads, progress }
+        Load {
+            stop,
+            threads,
+            progress,
+        }
     }
 
     /// Requests answered so far (all clients).
@@ -86,7 +92,11 @@ fn client(addr: SocketAddr, keep_alive: bool, stop: &AtomicBool, progress: &Mute
     let mut stats = Stats::default();
     let mut kept = KeepAlive::new(addr);
     while !stop.load(Ordering::SeqCst) && started.elapsed() < MAX_RUN {
-        let result = if keep_alive { kept.get("/") } else { get(addr, "/") };
+        let result = if keep_alive {
+            kept.get("/")
+        } else {
+            get(addr, "/")
+        };
         match result {
             Ok(response) if response.status == 200 => {
                 stats.ok += 1;

@@ -5,7 +5,7 @@
 //! Successor generations are not children of the test: the test process is
 //! made a child subreaper, so orphaned generations are reparented to it and it
 //! can wait for them and collect their exit status. Every server process
-//! carries a unique `HANDOFF_TEST_TAG` in its environment, so cleanup finds all
+//! carries a unique `TEST_SERVER_TAG` in its environment, so cleanup finds all
 //! of them (even one started mid-upgrade) without relying on PIDs it saw.
 
 #![allow(dead_code)]
@@ -40,7 +40,9 @@ pub fn example_path(name: &str) -> PathBuf {
     BUILT.get_or_init(|| {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut build = Command::new(cargo);
-        build.args(["build", "--quiet", "--examples"]).current_dir(env!("CARGO_MANIFEST_DIR"));
+        build
+            .args(["build", "--quiet", "--examples"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
         if profile_dir.ends_with("release") {
             build.arg("--release");
         }
@@ -100,7 +102,13 @@ impl Events {
     }
 
     /// Waits until a line at index `from` or later matches; returns it and its index.
-    pub fn wait(&self, from: usize, timeout: Duration, what: &str, matches: impl Fn(&Line) -> bool) -> (usize, Line) {
+    pub fn wait(
+        &self,
+        from: usize,
+        timeout: Duration,
+        what: &str,
+        matches: impl Fn(&Line) -> bool,
+    ) -> (usize, Line) {
         let deadline = Instant::now() + timeout;
         let mut lines = self.lock();
         loop {
@@ -119,7 +127,11 @@ impl Events {
                 drop(lines);
                 panic!("timed out after {timeout:?} waiting for {what}; events so far:\n{so_far}");
             }
-            lines = self.changed.wait_timeout(lines, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+            lines = self
+                .changed
+                .wait_timeout(lines, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -153,7 +165,10 @@ impl Line {
                     while end < bytes.len() && bytes[end] != b'"' {
                         end += if bytes[end] == b'\\' { 2 } else { 1 };
                     }
-                    fields.insert(key.to_owned(), rest[start + 1..end.min(rest.len())].to_owned());
+                    fields.insert(
+                        key.to_owned(),
+                        rest[start + 1..end.min(rest.len())].to_owned(),
+                    );
                     rest = rest.get(end + 1..).unwrap_or("").trim_start();
                     continue;
                 }
@@ -179,7 +194,9 @@ impl Line {
     }
 
     pub fn num(&self, key: &str) -> u64 {
-        self.get(key).parse().unwrap_or_else(|_| panic!("no numeric {key} in {:?}", self.raw))
+        self.get(key)
+            .parse()
+            .unwrap_or_else(|_| panic!("no numeric {key} in {:?}", self.raw))
     }
 }
 
@@ -187,7 +204,12 @@ impl Line {
 pub fn become_subreaper() {
     // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes integer arguments only.
     let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    assert_eq!(rc, 0, "PR_SET_CHILD_SUBREAPER: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "PR_SET_CHILD_SUBREAPER: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// A server under test and all of its generations.
@@ -243,7 +265,7 @@ impl Server {
             .arg("--pid-file")
             .arg(&pid_file)
             .current_dir(dir.path())
-            .env("HANDOFF_TEST_TAG", &tag)
+            .env("TEST_SERVER_TAG", &tag)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -251,7 +273,18 @@ impl Server {
         for (key, value) in &options.env {
             command.env(key, value);
         }
-        let mut child = command.spawn().expect("spawn the server");
+        // Another test thread's fork may still hold the copied binary open
+        // for writing for a moment (ETXTBSY): retry briefly.
+        let mut attempts = 0;
+        let mut child = loop {
+            match command.spawn() {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && attempts < 100 => {
+                    attempts += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                result => break result.expect("spawn the server"),
+            }
+        };
         let first_pid = child.id();
         let stdout = child.stdout.take().expect("stdout pipe");
         let events = Arc::new(Events::default());
@@ -275,17 +308,22 @@ impl Server {
             first_pid,
             tag,
         };
-        let (_, listening) = server.events.wait(0, DEADLINE, "the first generation to listen", |l| {
-            l.is("listening") && l.num("pid") == u64::from(first_pid)
-        });
+        let (_, listening) =
+            server
+                .events
+                .wait(0, DEADLINE, "the first generation to listen", |l| {
+                    l.is("listening") && l.num("pid") == u64::from(first_pid)
+                });
         server.addrs = listening
             .get("addrs")
             .split(',')
             .map(|a| a.parse().expect("listening address"))
             .collect();
-        server.events.wait(0, DEADLINE, "the first generation to be ready", |l| {
-            l.is("ready") && l.num("pid") == u64::from(first_pid)
-        });
+        server
+            .events
+            .wait(0, DEADLINE, "the first generation to be ready", |l| {
+                l.is("ready") && l.num("pid") == u64::from(first_pid)
+            });
         server
     }
 
@@ -306,16 +344,20 @@ impl Server {
         let pid = self.serving_pid();
         let from = self.events.len();
         signal(pid, libc::SIGHUP);
-        let (_, line) = self.events.wait(from, DEADLINE, "the upgrade's outcome", |l| {
-            (l.is("upgrade succeeded") || l.is("upgrade failed")) && l.num("pid") == u64::from(pid)
-        });
+        let (_, line) = self
+            .events
+            .wait(from, DEADLINE, "the upgrade's outcome", |l| {
+                (l.is("upgrade succeeded") || l.is("upgrade failed"))
+                    && l.num("pid") == u64::from(pid)
+            });
         if line.is("upgrade failed") {
             return Err(line.get("error").to_owned());
         }
         let successor = line.num("successor") as u32;
-        self.events.wait(from, DEADLINE, "the successor to be ready", |l| {
-            l.is("ready") && l.num("pid") == u64::from(successor)
-        });
+        self.events
+            .wait(from, DEADLINE, "the successor to be ready", |l| {
+                l.is("ready") && l.num("pid") == u64::from(successor)
+            });
         Ok(successor)
     }
 
@@ -323,12 +365,16 @@ impl Server {
     /// exits 0, and the PID file names the successor.
     pub fn upgrade_ok(&self) -> u32 {
         let old = self.serving_pid();
-        let new = self.upgrade().unwrap_or_else(|e| panic!("upgrade failed: {e}\n{}", self.stderr_tail()));
+        let new = self
+            .upgrade()
+            .unwrap_or_else(|e| panic!("upgrade failed: {e}\n{}", self.stderr_tail()));
         assert_ne!(old, new);
-        self.events.wait(0, DEADLINE, "the old generation to stop accepting", |l| {
-            l.is("stopping") && l.num("pid") == u64::from(old)
-        });
-        let status = wait_exit(old, DEADLINE).unwrap_or_else(|| panic!("old generation {old} did not exit"));
+        self.events
+            .wait(0, DEADLINE, "the old generation to stop accepting", |l| {
+                l.is("stopping") && l.num("pid") == u64::from(old)
+            });
+        let status =
+            wait_exit(old, DEADLINE).unwrap_or_else(|| panic!("old generation {old} did not exit"));
         assert_eq!(status, Some(0), "old generation {old} exit status");
         assert_eq!(self.serving_pid(), new, "the PID file names the successor");
         new
@@ -392,7 +438,7 @@ pub fn signal(pid: u32, signal: libc::c_int) {
 
 /// PIDs of live (non-zombie) processes whose environment has our tag.
 fn tagged_processes(tag: &str) -> Vec<u32> {
-    let needle = format!("HANDOFF_TEST_TAG={tag}\0");
+    let needle = format!("TEST_SERVER_TAG={tag}\0");
     let mut pids = Vec::new();
     for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
@@ -401,7 +447,11 @@ fn tagged_processes(tag: &str) -> Vec<u32> {
         let Ok(environ) = fs::read(entry.path().join("environ")) else {
             continue;
         };
-        if environ.windows(needle.len()).any(|w| w == needle.as_bytes()) && !is_zombie(pid) {
+        if environ
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+            && !is_zombie(pid)
+        {
             pids.push(pid);
         }
     }
@@ -411,7 +461,10 @@ fn tagged_processes(tag: &str) -> Vec<u32> {
 pub fn is_zombie(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
+        .and_then(|stat| {
+            stat.rsplit_once(") ")
+                .map(|(_, rest)| rest.starts_with('Z'))
+        })
         .unwrap_or(false)
 }
 
@@ -425,7 +478,9 @@ pub fn zombie_children(pid: u32) -> Vec<u32> {
         let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
             continue;
         };
-        let Some((_, rest)) = stat.rsplit_once(") ") else { continue };
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
         let mut parts = rest.split(' ');
         let state = parts.next().unwrap_or("");
         let ppid: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);

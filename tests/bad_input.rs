@@ -1,0 +1,318 @@
+//! Garbage in the handoff variables: the server refuses to start with an
+//! error that names the variable, exits 2, and never panics. (Its parent
+//! would see that exit and roll back.) Socket activation meant for another
+//! process is ignored, as sd_listen_fds(3) specifies.
+
+mod common;
+
+use std::net::{TcpListener, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{example_path, wait_exit, TempDir, DEADLINE};
+
+/// Kills and reaps the child if the test ends while it runs.
+struct Guard(Option<Child>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `http_server` with `env`, optionally with `fd` placed at fd 3, and
+/// `LISTEN_PID` set to the server's own PID when `own_listen_pid`.
+fn run(env: &[(&str, &str)], fd: Option<RawFd>, own_listen_pid: bool, args: &[&str]) -> Output {
+    let dir = TempDir::new("bad-input");
+    let bin = dir.path().join("http_server");
+    std::fs::copy(example_path("http_server"), &bin).expect("copy the binary");
+    // sh sets LISTEN_PID to its own PID, then execs the server (same PID).
+    let script = if own_listen_pid {
+        "export LISTEN_PID=$$; exec \"$0\" \"$@\""
+    } else {
+        "exec \"$0\" \"$@\""
+    };
+    let mut command = Command::new("/bin/sh");
+    command
+        .args(["-c", script])
+        .arg(&bin)
+        .args(args)
+        .env_remove("LISTEN_PID")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(fd) = fd {
+        // SAFETY: dup2 and fcntl are async-signal-safe and only touch the
+        // child's fd table.
+        unsafe {
+            command.pre_exec(move || {
+                // dup2(3, 3) would keep FD_CLOEXEC: clear it instead.
+                let rc = if fd == 3 {
+                    libc::fcntl(3, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, 3)
+                };
+                if rc < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let mut attempts = 0;
+    let child = loop {
+        match command.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && attempts < 100 => {
+                attempts += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            result => break result.expect("spawn"),
+        }
+    };
+    let pid = child.id();
+    let mut guard = Guard(Some(child));
+    assert!(wait_exit_keep(pid), "http_server did not exit on bad input");
+    guard
+        .0
+        .take()
+        .expect("child")
+        .wait_with_output()
+        .expect("collect output")
+}
+
+/// Waits for the process to exit without reaping it (`wait_with_output` does).
+fn wait_exit_keep(pid: u32) -> bool {
+    // SAFETY: waitid with WNOWAIT only inspects the child's state.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: info is a valid siginfo_t to fill in.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT | libc::WNOHANG,
+            )
+        };
+        // SAFETY: si_pid is valid to read for a waitid result.
+        if rc == 0 && unsafe { info.si_pid() } == pid as i32 {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn assert_refused(output: &Output, var: &str, detail: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "exit status for bad {var}; stderr:\n{stderr}"
+    );
+    assert!(stderr.contains(var), "the error names {var}:\n{stderr}");
+    assert!(
+        stderr.contains(detail),
+        "the error says {detail:?}:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "no panic:\n{stderr}");
+    assert!(
+        !String::from_utf8_lossy(&output.stdout).contains("ready"),
+        "it never reported ready"
+    );
+}
+
+const SUCCESSOR: [(&str, &str); 2] = [
+    ("HANDOFF_GENERATION", "2"),
+    ("NOTIFY_SOCKET", "@handoff-bad-input-test"),
+];
+
+fn successor_with(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+    let mut env: Vec<_> = SUCCESSOR.to_vec();
+    for (key, value) in extra {
+        env.retain(|(k, _)| k != key);
+        env.push((key, value));
+    }
+    env
+}
+
+/// One malformed environment: extra variables over a successor's, whether
+/// `LISTEN_PID` is the server's own, and what the error must say.
+struct Case {
+    env: &'static [(&'static str, &'static str)],
+    own_listen_pid: bool,
+    var: &'static str,
+    detail: &'static str,
+}
+
+const CASES: &[Case] = &[
+    Case {
+        env: &[("HANDOFF_GENERATION", "two")],
+        own_listen_pid: false,
+        var: "HANDOFF_GENERATION",
+        detail: "not a decimal number",
+    },
+    Case {
+        env: &[("HANDOFF_GENERATION", "1")],
+        own_listen_pid: false,
+        var: "HANDOFF_GENERATION",
+        detail: "at least 2",
+    },
+    Case {
+        env: &[("NOTIFY_SOCKET", "relative/path")],
+        own_listen_pid: false,
+        var: "NOTIFY_SOCKET",
+        detail: "absolute path",
+    },
+    Case {
+        env: &[("LISTEN_FDS", "1x")],
+        own_listen_pid: true,
+        var: "LISTEN_FDS",
+        detail: "not a decimal number",
+    },
+    Case {
+        env: &[
+            ("LISTEN_FDS", "1"),
+            ("LISTEN_FDNAMES", "http0"),
+            ("LISTEN_PID", "1"),
+        ],
+        own_listen_pid: false,
+        var: "LISTEN_PID",
+        detail: "passed to pid 1",
+    },
+    Case {
+        env: &[("LISTEN_FDS", "2"), ("LISTEN_FDNAMES", "http0")],
+        own_listen_pid: true,
+        var: "LISTEN_FDNAMES",
+        detail: "1 names but LISTEN_FDS is 2",
+    },
+    Case {
+        env: &[("LISTEN_FDS", "1")],
+        own_listen_pid: true,
+        var: "LISTEN_FDNAMES",
+        detail: "missing",
+    },
+    Case {
+        env: &[("LISTEN_FDS", "40"), ("LISTEN_FDNAMES", NAMES_40)],
+        own_listen_pid: true,
+        var: "LISTEN_FDS",
+        detail: "is not open",
+    },
+];
+
+#[test]
+fn garbage_in_each_handoff_variable_is_named() {
+    for case in CASES {
+        let output = run(
+            &successor_with(case.env),
+            None,
+            case.own_listen_pid,
+            &["--listen", "127.0.0.1:0"],
+        );
+        assert_refused(&output, case.var, case.detail);
+    }
+    // A successor without its parent's notify socket.
+    let output = run(&[("HANDOFF_GENERATION", "2")], None, false, &[]);
+    assert_refused(&output, "NOTIFY_SOCKET", "missing");
+}
+
+const NAMES_40: &str = "a0:a1:a2:a3:a4:a5:a6:a7:a8:a9:b0:b1:b2:b3:b4:b5:b6:b7:b8:b9:c0:c1:c2:c3:c4:c5:c6:c7:c8:c9:d0:d1:d2:d3:d4:d5:d6:d7:d8:d9";
+
+#[test]
+fn an_fd_that_is_not_what_its_name_claims_is_refused() {
+    let env = successor_with(&[("LISTEN_FDS", "1"), ("LISTEN_FDNAMES", "http0")]);
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let output = run(
+        &env,
+        Some(udp.as_raw_fd()),
+        true,
+        &["--listen", "127.0.0.1:0"],
+    );
+    assert_refused(
+        &output,
+        "LISTEN_FDNAMES",
+        "is not a listening TCP socket (found: IPv4 UDP socket",
+    );
+
+    let file = std::fs::File::open("/dev/null").unwrap();
+    let output = run(
+        &env,
+        Some(file.as_raw_fd()),
+        true,
+        &["--listen", "127.0.0.1:0"],
+    );
+    assert_refused(&output, "LISTEN_FDNAMES", "found: character device");
+
+    // A TCP listener, but on another address than the one asked for.
+    let other = TcpListener::bind("127.0.0.1:0").unwrap();
+    let output = run(
+        &env,
+        Some(other.as_raw_fd()),
+        true,
+        &["--listen", "127.0.0.2:9"],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("is bound to 127.0.0.1:") && stderr.contains("127.0.0.2:9 was requested"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn socket_activation_for_another_process_is_ignored() {
+    // sd_listen_fds(3): LISTEN_PID naming another process means "not for
+    // us": the server binds its own socket and serves.
+    let dir = TempDir::new("ignored-activation");
+    let bin = dir.path().join("http_server");
+    std::fs::copy(example_path("http_server"), &bin).unwrap();
+    let mut attempts = 0;
+    let child = loop {
+        let spawned = Command::new(&bin)
+            .args(["--listen", "127.0.0.1:0"])
+            .env("LISTEN_PID", "1")
+            .env("LISTEN_FDS", "3")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn();
+        match spawned {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && attempts < 100 => {
+                attempts += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            result => break result.expect("spawn"),
+        }
+    };
+    let pid = child.id();
+    let mut guard = Guard(Some(child));
+    let stdout = guard
+        .0
+        .as_mut()
+        .and_then(|c| c.stdout.take())
+        .expect("stdout");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let ready = lines
+        .find(|l| l.as_ref().is_ok_and(|l| l.starts_with("ready")))
+        .and_then(Result::ok);
+    assert!(
+        ready.is_some_and(|l| l.contains(&format!("pid={pid}"))),
+        "it started and serves"
+    );
+    common::signal(pid, libc::SIGTERM);
+    drop(lines);
+    assert_eq!(
+        wait_exit(pid, DEADLINE),
+        Some(Some(0)),
+        "clean exit on SIGTERM"
+    );
+    guard.0 = None;
+}
