@@ -6,8 +6,8 @@
 //! ```
 //!
 //! When draining, a connection finishes the line it is receiving, answers it
-//! and closes; an idle one closes at once. Event lines on stdout are the same
-//! as `http_server`'s.
+//! and closes; one with nothing pending gets a 1 s grace for one more line.
+//! Event lines on stdout are the same as `http_server`'s.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,6 +26,9 @@ use support::{say, secs};
 
 /// Longest line accepted; a longer one closes the connection.
 const MAX_LINE: usize = 64 * 1024;
+
+/// How long a draining connection with nothing pending waits for a line.
+const IDLE_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Parser, Debug)]
 #[command(about = "A demo TCP echo server that upgrades in place on SIGHUP (handoff).")]
@@ -137,18 +140,28 @@ async fn accept_loop(listener: TcpListener, handoff: Handoff, drain: Drain, pref
     }
 }
 
-/// Echoes complete lines. Once draining, it closes as soon as no partial line
-/// is pending.
+/// Echoes complete lines. Once draining begins, a connection answers what
+/// it receives until it has answered a line and has nothing pending, or until
+/// [`IDLE_GRACE`] passes with nothing pending; then it closes. So a connection
+/// accepted just before the cutover, whose line has not been read yet, is
+/// answered instead of reset.
 async fn echo(mut stream: TcpStream, guard: ConnectionGuard, prefix: Arc<[u8]>) {
     let mut pending: Vec<u8> = Vec::new();
     let mut chunk = [0u8; 4096];
+    let mut grace_ends: Option<tokio::time::Instant> = None;
+    let mut answered_while_draining = false;
     loop {
-        if guard.is_draining() && pending.is_empty() {
+        if answered_while_draining && pending.is_empty() {
             return;
         }
+        let idle_deadline = grace_ends.filter(|_| pending.is_empty());
         let read = tokio::select! {
             read = stream.read(&mut chunk) => read,
-            () = guard.draining(), if pending.is_empty() => return,
+            () = guard.draining(), if grace_ends.is_none() => {
+                grace_ends = Some(tokio::time::Instant::now() + IDLE_GRACE);
+                continue;
+            }
+            () = sleep_until_or_never(idle_deadline) => return,
             () = guard.cut() => return,
         };
         let n = match read {
@@ -164,9 +177,17 @@ async fn echo(mut stream: TcpStream, guard: ConnectionGuard, prefix: Arc<[u8]>) 
             if stream.write_all(&reply).await.is_err() {
                 return;
             }
+            answered_while_draining |= grace_ends.is_some();
         }
         if pending.len() > MAX_LINE {
             return;
         }
+    }
+}
+
+async fn sleep_until_or_never(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }

@@ -6,7 +6,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -79,16 +79,20 @@ fn short_connections_see_no_failure_through_upgrades() {
     let server = Server::start("echo_server");
     let addr = server.addr();
     let stop = Arc::new(AtomicBool::new(false));
+    let exchanges = Arc::new(AtomicU64::new(0));
     let clients: Vec<_> = (0..4)
         .map(|i| {
-            let stop = stop.clone();
+            let (stop, exchanges) = (stop.clone(), exchanges.clone());
             std::thread::spawn(move || {
                 let started = Instant::now();
                 let (mut ok, mut errors) = (0u64, Vec::new());
                 while !stop.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(120) {
                     let line = format!("client{i}-{ok}");
                     match echo_once(addr, &line) {
-                        Ok(reply) if reply.ends_with(&format!(" {line}\n")) => ok += 1,
+                        Ok(reply) if reply.ends_with(&format!(" {line}\n")) => {
+                            ok += 1;
+                            exchanges.fetch_add(1, Ordering::SeqCst);
+                        }
                         Ok(reply) => errors.push(format!("wrong reply {reply:?}")),
                         Err(error) => errors.push(error),
                     }
@@ -97,8 +101,18 @@ fn short_connections_see_no_failure_through_upgrades() {
             })
         })
         .collect();
+    let progressed = |n: u64| {
+        let target = exchanges.load(Ordering::SeqCst) + n;
+        let deadline = Instant::now() + DEADLINE;
+        while exchanges.load(Ordering::SeqCst) < target {
+            assert!(Instant::now() < deadline, "the clients made no progress");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    progressed(50);
     for _ in 0..5 {
         server.upgrade_ok();
+        progressed(50);
     }
     stop.store(true, Ordering::SeqCst);
     let (mut ok, mut errors) = (0, Vec::new());
