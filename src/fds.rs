@@ -219,3 +219,119 @@ impl Registry {
         self.entries.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::socket::{bind_tcp, bind_udp, bind_unix};
+    use std::net::SocketAddr;
+
+    fn inherited(fd: OwnedFd, name: &str) -> InheritedFd {
+        InheritedFd {
+            fd,
+            name: Some(name.to_owned()),
+        }
+    }
+
+    fn tcp(addr: SocketAddr) -> Wanted {
+        Wanted {
+            kind: FdKind::TcpListener,
+            addr: LocalAddr::Inet(addr),
+        }
+    }
+
+    fn local(fd: &OwnedFd) -> SocketAddr {
+        match inspect(fd.as_fd()).unwrap().addr {
+            LocalAddr::Inet(addr) => addr,
+            other => panic!("not inet: {other:?}"),
+        }
+    }
+
+    fn never() -> Result<(OwnedFd, Option<BoundPath>), Error> {
+        panic!("must not bind a new socket")
+    }
+
+    #[test]
+    fn an_inherited_socket_is_returned_by_name_and_checked() {
+        let socket = bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = local(&socket);
+        let mut registry = Registry::new(vec![inherited(socket, "http")]);
+
+        // Same name, another address: an error, not a second socket.
+        let other: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let err = registry.claim("http", &tcp(other), never).unwrap_err();
+        assert!(matches!(err, Error::AddressMismatch { .. }), "{err}");
+        // Same name, another kind.
+        let udp = Wanted {
+            kind: FdKind::Udp,
+            addr: LocalAddr::Inet(addr),
+        };
+        let err = registry.claim("http", &udp, never).unwrap_err();
+        assert!(err.to_string().contains("is not a UDP socket"), "{err}");
+        // Same address under another name.
+        let err = registry.claim("admin", &tcp(addr), never).unwrap_err();
+        assert!(
+            matches!(err, Error::AddressHeldByOtherName { ref other, .. } if other == "http"),
+            "{err}"
+        );
+        // The right request gets the inherited socket; port 0 means any port.
+        let fd = registry
+            .claim("http", &tcp("127.0.0.1:0".parse().unwrap()), never)
+            .unwrap();
+        assert_eq!(local(&fd), addr);
+        assert_eq!(registry.handoff_fds().len(), 1);
+        // Asking twice for one name is refused.
+        let err = registry.claim("http", &tcp(addr), never).unwrap_err();
+        assert!(matches!(err, Error::NameInUse { .. }), "{err}");
+    }
+
+    #[test]
+    fn unclaimed_fds_are_closed_at_ready_and_unnamed_ones_match_by_address() {
+        let kept = bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = local(&kept);
+        let unclaimed = bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut registry = Registry::new(vec![
+            InheritedFd {
+                fd: kept,
+                name: None,
+            },
+            inherited(unclaimed, "old"),
+        ]);
+        let want = Wanted {
+            kind: FdKind::Udp,
+            addr: LocalAddr::Inet(addr),
+        };
+        let fd = registry.claim("dns", &want, never).unwrap();
+        assert_eq!(local(&fd), addr);
+        assert_eq!(registry.close_unclaimed(), vec!["old".to_owned()]);
+        assert_eq!(registry.handoff_fds()[0].0, "dns");
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        let mut registry = Registry::default();
+        for name in ["", "a:b", "tab\there"] {
+            let err = registry
+                .claim(name, &tcp("127.0.0.1:0".parse().unwrap()), never)
+                .unwrap_err();
+            assert!(matches!(err, Error::InvalidName { .. }), "{name:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_unix_path_is_unlinked_only_while_it_is_ours() {
+        let dir = std::env::temp_dir().join(format!("handoff-fds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let (fd, bound) = bind_unix(&path, nix::sys::socket::SockType::Stream).unwrap();
+        // A stale socket file (nobody listening) is replaced on the next bind.
+        drop(fd);
+        let (_fd, rebound) = bind_unix(&path, nix::sys::socket::SockType::Stream).unwrap();
+        // The first binding's record no longer matches the file: left alone.
+        bound.unlink_if_ours();
+        assert!(path.exists());
+        rebound.unlink_if_ours();
+        assert!(!path.exists());
+        std::fs::remove_dir(&dir).unwrap();
+    }
+}

@@ -38,7 +38,10 @@
 //!         handoff.stopping().await;
 //!         accept.await?;
 //!         let report = drain.drain(Duration::from_secs(30), handoff.forced()).await;
-//!         std::process::exit(if report.is_clean() { 0 } else { 1 });
+//!         // Return (rather than `process::exit`) so the Handoff is dropped: a
+//!         // last generation removes its PID file and Unix socket paths.
+//!         println!("{} connections cut", report.cut);
+//!         Ok(())
 //!     })
 //! }
 //! ```

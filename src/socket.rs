@@ -194,13 +194,17 @@ pub(crate) fn bind_tcp(addr: SocketAddr) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// A Unix socket path this process bound, remembered by inode so that it is
-/// only ever unlinked while it is still ours.
+/// A Unix socket path this process bound, remembered by device, inode and
+/// change time (inode numbers are reused at once on tmpfs), so that it is only
+/// ever unlinked while it is still ours.
 #[derive(Debug, Clone)]
 pub(crate) struct BoundPath {
     pub path: PathBuf,
-    dev: u64,
-    ino: u64,
+    identity: (u64, u64, i64, i64),
+}
+
+fn identity(meta: &std::fs::Metadata) -> (u64, u64, i64, i64) {
+    (meta.dev(), meta.ino(), meta.ctime(), meta.ctime_nsec())
 }
 
 impl BoundPath {
@@ -208,15 +212,14 @@ impl BoundPath {
         let meta = std::fs::symlink_metadata(path)?;
         Ok(BoundPath {
             path: path.to_path_buf(),
-            dev: meta.dev(),
-            ino: meta.ino(),
+            identity: identity(&meta),
         })
     }
 
     /// Unlinks the path if it is still the socket this process bound.
     pub(crate) fn unlink_if_ours(&self) {
         match std::fs::symlink_metadata(&self.path) {
-            Ok(meta) if meta.dev() == self.dev && meta.ino() == self.ino => {
+            Ok(meta) if identity(&meta) == self.identity => {
                 if let Err(error) = std::fs::remove_file(&self.path) {
                     tracing::warn!(path = %self.path.display(), %error, "cannot unlink socket path");
                 }
