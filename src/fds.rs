@@ -18,7 +18,8 @@ pub(crate) struct Wanted {
 #[derive(Debug)]
 struct Entry {
     name: String,
-    fd: OwnedFd,
+    /// `None` once closed because this process stops.
+    fd: Option<OwnedFd>,
     /// Set when this process bound a Unix socket path itself.
     bound_path: Option<BoundPath>,
 }
@@ -80,7 +81,7 @@ impl Registry {
             .map_err(|e| Error::io(format!("cannot duplicate fd {name:?}"), e))?;
         self.entries.push(Entry {
             name: name.to_owned(),
-            fd,
+            fd: Some(fd),
             bound_path,
         });
         tracing::debug!(listener = name, kind = ?wanted.kind, "fd registered for handoff");
@@ -167,7 +168,10 @@ impl Registry {
                 i.fd.as_fd(),
             )
         });
-        let registered = self.entries.iter().map(|e| (e.name.clone(), e.fd.as_fd()));
+        let registered = self
+            .entries
+            .iter()
+            .filter_map(|e| e.fd.as_ref().map(|fd| (e.name.clone(), fd.as_fd())));
         for (other, fd) in inherited.chain(registered) {
             if let Ok(info) = inspect(fd) {
                 if info.kind == Some(wanted.kind) && same_place(&info.addr, &wanted.addr) {
@@ -195,7 +199,7 @@ impl Registry {
     pub(crate) fn handoff_fds(&self) -> Vec<(&str, BorrowedFd<'_>)> {
         self.entries
             .iter()
-            .map(|e| (e.name.as_str(), e.fd.as_fd()))
+            .filter_map(|e| e.fd.as_ref().map(|fd| (e.name.as_str(), fd.as_fd())))
             .collect()
     }
 
@@ -203,6 +207,17 @@ impl Registry {
     pub(crate) fn release(&mut self) {
         self.inherited.clear();
         self.entries.clear();
+    }
+
+    /// Closes every fd because this process stops without a successor, so a
+    /// listener really closes once the application drops its own copy (new
+    /// clients are refused instead of waiting in a backlog nobody accepts).
+    /// The paths this process bound are kept, to unlink at the end.
+    pub(crate) fn close_all(&mut self) {
+        self.inherited.clear();
+        for entry in &mut self.entries {
+            entry.fd = None;
+        }
     }
 
     /// Unlinks the Unix socket paths this process bound, if still ours. For a
@@ -216,7 +231,7 @@ impl Registry {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.entries.len()
+        self.entries.iter().filter(|e| e.fd.is_some()).count()
     }
 }
 

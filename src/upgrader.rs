@@ -338,10 +338,16 @@ impl Handoff {
     pub fn request_stop(&self, reason: StopReason) {
         {
             let mut slot = lock(&self.inner.stop_reason);
-            if slot.is_none() {
-                tracing::info!(pid = self.inner.pid, generation = self.inner.generation, %reason, "stopping");
-                *slot = Some(reason);
+            if slot.is_some() {
+                return;
             }
+            tracing::info!(pid = self.inner.pid, generation = self.inner.generation, %reason, "stopping");
+            if !matches!(reason, StopReason::Upgraded { .. }) {
+                // No successor will take the fds: let the sockets close as
+                // soon as the application drops its own copies.
+                lock(&self.inner.registry).close_all();
+            }
+            *slot = Some(reason);
         }
         self.inner.stop.cancel();
     }

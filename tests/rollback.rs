@@ -115,6 +115,14 @@ fn a_successor_that_exits_1_rolls_back() {
 }
 
 #[test]
+fn a_successor_killed_by_a_signal_rolls_back() {
+    roll_back(
+        Replacement::File(b"#!/bin/sh\nkill -SEGV $$\n", 0o755),
+        "was killed by signal SIGSEGV",
+    );
+}
+
+#[test]
 fn a_successor_that_never_gets_ready_is_killed_with_its_children() {
     // It also starts a grandchild: the whole process group must go.
     roll_back(

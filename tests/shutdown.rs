@@ -1,0 +1,107 @@
+//! Stopping: `SIGTERM` stops accepting and lets in-flight requests finish
+//! (exit 0); the drain deadline cuts what is left (exit 1); a second
+//! `SIGTERM` cuts at once.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::http::KeepAlive;
+use common::{signal, wait_exit, Options, Server, DEADLINE};
+
+fn slow_request(
+    server: &Server,
+    ms: u64,
+) -> std::thread::JoinHandle<Result<common::http::Response, String>> {
+    let addr = server.addr();
+    let pid = server.first_pid;
+    let handle = std::thread::spawn(move || KeepAlive::new(addr).get(&format!("/sleep?ms={ms}")));
+    server
+        .events
+        .wait(0, DEADLINE, "the slow request to start", |l| {
+            l.is("sleeping") && l.num("pid") == u64::from(pid)
+        });
+    handle
+}
+
+#[test]
+fn sigterm_lets_in_flight_requests_finish_and_exits_0() {
+    let server = Server::start("http_server");
+    let pid = server.first_pid;
+    let slow = slow_request(&server, 1000);
+    signal(pid, libc::SIGTERM);
+    server
+        .events
+        .wait(0, DEADLINE, "the server to stop accepting", |l| {
+            l.is("stopping")
+        });
+    // No longer accepting: the listener is closed (the last generation owns it).
+    assert!(
+        std::net::TcpStream::connect(server.addr()).is_err(),
+        "still accepting after SIGTERM"
+    );
+    let response = slow
+        .join()
+        .unwrap()
+        .expect("the in-flight request completes");
+    assert_eq!((response.status, response.pid()), (200, Some(pid)));
+    assert_eq!(
+        wait_exit(pid, DEADLINE),
+        Some(Some(0)),
+        "clean drain exits 0"
+    );
+    assert!(
+        !server.pid_file.exists(),
+        "the last generation removes its PID file"
+    );
+}
+
+#[test]
+fn the_drain_deadline_cuts_what_is_left_and_exits_1() {
+    let server = Server::start_with(
+        Options::new("http_server")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--drain-timeout")
+            .arg("0.5"),
+    );
+    let pid = server.first_pid;
+    let slow = slow_request(&server, 30_000);
+    signal(pid, libc::SIGTERM);
+    let (_, exit) = server
+        .events
+        .wait(0, DEADLINE, "the exit line", |l| l.is("exit"));
+    assert_eq!(exit.num("cut"), 1, "{}", exit.raw);
+    assert_eq!(
+        wait_exit(pid, DEADLINE),
+        Some(Some(1)),
+        "a cut drain exits 1"
+    );
+    assert!(slow.join().unwrap().is_err(), "the cut request fails");
+}
+
+#[test]
+fn a_second_sigterm_cuts_at_once() {
+    let server = Server::start("http_server");
+    let pid = server.first_pid;
+    let slow = slow_request(&server, 30_000);
+    signal(pid, libc::SIGTERM);
+    server
+        .events
+        .wait(0, DEADLINE, "the server to stop accepting", |l| {
+            l.is("stopping")
+        });
+    let second = Instant::now();
+    signal(pid, libc::SIGTERM);
+    let (_, exit) = server
+        .events
+        .wait(0, DEADLINE, "the exit line", |l| l.is("exit"));
+    assert_eq!(exit.num("cut"), 1, "{}", exit.raw);
+    assert_eq!(wait_exit(pid, DEADLINE), Some(Some(1)));
+    let took = second.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "the second SIGTERM took {took:?}, not the 30 s drain"
+    );
+    assert!(slow.join().unwrap().is_err());
+}
