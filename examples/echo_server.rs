@@ -10,19 +10,17 @@
 //! Event lines on stdout are the same as `http_server`'s.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use handoff::{ConnectionGuard, Drain, Handoff};
+use handoff::ConnectionGuard;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 #[path = "support/mod.rs"]
 mod support;
-use support::{say, secs};
 
 /// Longest line accepted; a longer one closes the connection.
 const MAX_LINE: usize = 64 * 1024;
@@ -36,108 +34,16 @@ struct Args {
     /// Address to serve on; repeat for several sockets.
     #[arg(long = "listen", value_name = "ADDR", default_value = "127.0.0.1:7070")]
     listen: Vec<SocketAddr>,
-    /// Keep a PID file here that always names the generation serving new connections.
-    #[arg(long, value_name = "PATH")]
-    pid_file: Option<PathBuf>,
-    /// Seconds the new process has to become ready before the upgrade is abandoned.
-    #[arg(long, value_name = "SECS", default_value = "60", value_parser = secs)]
-    upgrade_timeout: Duration,
-    /// Seconds connections get to finish their line when stopping; then they are cut.
-    #[arg(long, value_name = "SECS", default_value = "30", value_parser = secs)]
-    drain_timeout: Duration,
+    #[command(flatten)]
+    flags: support::Flags,
 }
 
 fn main() -> ExitCode {
-    support::init_logging();
     let args = Args::parse();
-    let mut builder = Handoff::builder().upgrade_timeout(args.upgrade_timeout);
-    if let Some(path) = &args.pid_file {
-        builder = builder.pid_file(path);
-    }
-    let handoff = match builder.build() {
-        Ok(handoff) => handoff,
-        Err(error) => {
-            eprintln!("echo_server: {error}");
-            return ExitCode::from(2);
-        }
-    };
-    let result = tokio::runtime::Runtime::new()
-        .map_err(Into::into)
-        .and_then(|runtime| runtime.block_on(run(handoff, args)));
-    match result {
-        Ok(code) => code,
-        Err(error) => {
-            eprintln!("echo_server: {error}");
-            ExitCode::from(2)
-        }
-    }
-}
-
-async fn run(handoff: Handoff, args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let pid = std::process::id();
-    let generation = handoff.generation();
-    let prefix: Arc<[u8]> = format!("{pid} ").into_bytes().into();
-    handoff.handle_signals()?;
-    let reporter = support::Reporter::start(&handoff);
-    let drain = Drain::new();
-    let mut addrs = Vec::new();
-    let mut accepting = Vec::new();
-    for (i, addr) in args.listen.iter().enumerate() {
-        let listener = handoff.tcp_listener(&format!("echo{i}"), *addr)?;
-        addrs.push(listener.local_addr()?.to_string());
-        accepting.push(tokio::spawn(accept_loop(
-            listener,
-            handoff.clone(),
-            drain.clone(),
-            prefix.clone(),
-        )));
-    }
-    say(format_args!(
-        "listening pid={pid} generation={generation} addrs={}",
-        addrs.join(",")
-    ));
-    handoff.ready()?;
-    say(format_args!("ready pid={pid} generation={generation}"));
-
-    let reason = handoff.stopping().await;
-    for task in accepting {
-        task.await?;
-    }
-    say(format_args!(
-        "stopping pid={pid} generation={generation} reason={:?} connections={}",
-        reason.to_string(),
-        drain.active()
-    ));
-    let report = drain.drain(args.drain_timeout, handoff.forced()).await;
-    reporter.finish().await;
-    say(format_args!(
-        "exit pid={pid} generation={generation} cut={} waited_ms={}",
-        report.cut,
-        report.waited.as_millis()
-    ));
-    Ok(if report.is_clean() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
+    support::run("echo", args.listen, args.flags, |_, _| {
+        let prefix: Arc<[u8]> = format!("{} ", std::process::id()).into_bytes().into();
+        move |stream, guard| echo(stream, guard, prefix.clone())
     })
-}
-
-async fn accept_loop(listener: TcpListener, handoff: Handoff, drain: Drain, prefix: Arc<[u8]>) {
-    loop {
-        tokio::select! {
-            biased;
-            _ = handoff.stopping() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(echo(stream, drain.track(), prefix.clone()));
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        }
-    }
 }
 
 /// Echoes complete lines. Once draining begins, a connection answers what

@@ -17,22 +17,21 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use handoff::{ConnectionGuard, Drain, Handoff};
+use handoff::{ConnectionGuard, Drain};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 #[path = "support/mod.rs"]
 mod support;
-use support::{say, secs};
+use support::say;
 
 /// Once draining begins, every response carries `Connection: close`, and a
 /// connection gets this long to send its next request before it is closed.
@@ -49,15 +48,8 @@ struct Args {
     /// Address to serve on; repeat for several sockets.
     #[arg(long = "listen", value_name = "ADDR", default_value = "127.0.0.1:8080")]
     listen: Vec<SocketAddr>,
-    /// Keep a PID file here that always names the generation serving new connections.
-    #[arg(long, value_name = "PATH")]
-    pid_file: Option<PathBuf>,
-    /// Seconds the new process has to become ready before the upgrade is abandoned.
-    #[arg(long, value_name = "SECS", default_value = "60", value_parser = secs)]
-    upgrade_timeout: Duration,
-    /// Seconds in-flight requests get to finish when stopping; then they are cut.
-    #[arg(long, value_name = "SECS", default_value = "30", value_parser = secs)]
-    drain_timeout: Duration,
+    #[command(flatten)]
+    flags: support::Flags,
 }
 
 struct App {
@@ -66,117 +58,15 @@ struct App {
 }
 
 fn main() -> ExitCode {
-    support::init_logging();
     let args = Args::parse();
-    let mut builder = Handoff::builder().upgrade_timeout(args.upgrade_timeout);
-    if let Some(path) = &args.pid_file {
-        builder = builder.pid_file(path);
-    }
-    // Before the runtime starts: this reads and scrubs the environment.
-    let handoff = match builder.build() {
-        Ok(handoff) => handoff,
-        Err(error) => {
-            eprintln!("http_server: {error}");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("http_server: cannot start the runtime: {error}");
-            return ExitCode::from(2);
-        }
-    };
-    match runtime.block_on(run(handoff, args)) {
-        Ok(code) => code,
-        Err(error) => {
-            eprintln!("http_server: {error}");
-            ExitCode::from(2)
-        }
-    }
-}
-
-async fn run(handoff: Handoff, args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let app = Arc::new(App {
-        pid: std::process::id(),
-        generation: handoff.generation(),
-    });
-    let mut listeners = Vec::new();
-    for (i, addr) in args.listen.iter().enumerate() {
-        listeners.push(handoff.tcp_listener(&format!("http{i}"), *addr)?);
-    }
-    handoff.handle_signals()?;
-    let reporter = support::Reporter::start(&handoff);
-
-    let drain = Drain::new();
-    let mut addrs = Vec::new();
-    let mut accepting = Vec::new();
-    for listener in listeners {
-        addrs.push(listener.local_addr()?.to_string());
-        accepting.push(tokio::spawn(accept_loop(
-            listener,
-            handoff.clone(),
-            drain.clone(),
-            app.clone(),
-        )));
-    }
-    say(format_args!(
-        "listening pid={} generation={} addrs={}",
-        app.pid,
-        app.generation,
-        addrs.join(",")
-    ));
-    handoff.ready()?;
-    say(format_args!(
-        "ready pid={} generation={}",
-        app.pid, app.generation
-    ));
-
-    let reason = handoff.stopping().await;
-    for task in accepting {
-        task.await?;
-    }
-    say(format_args!(
-        "stopping pid={} generation={} reason={:?} connections={}",
-        app.pid,
-        app.generation,
-        reason.to_string(),
-        drain.active()
-    ));
-    let report = drain.drain(args.drain_timeout, handoff.forced()).await;
-    reporter.finish().await;
-    say(format_args!(
-        "exit pid={} generation={} cut={} waited_ms={}",
-        app.pid,
-        app.generation,
-        report.cut,
-        report.waited.as_millis()
-    ));
-    Ok(if report.is_clean() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
+    support::run("http", args.listen, args.flags, |handoff, drain| {
+        let app = Arc::new(App {
+            pid: std::process::id(),
+            generation: handoff.generation(),
+        });
+        let drain = drain.clone();
+        move |stream, guard| serve(stream, guard, drain.clone(), app.clone())
     })
-}
-
-/// Accepts until this process must stop, then drops (closes) its listener fd.
-async fn accept_loop(listener: TcpListener, handoff: Handoff, drain: Drain, app: Arc<App>) {
-    loop {
-        tokio::select! {
-            biased;
-            _ = handoff.stopping() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(serve(stream, drain.track(), drain.clone(), app.clone()));
-                }
-                Err(error) => {
-                    // Out of fds or memory: back off instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        }
-    }
 }
 
 /// Serves one connection; see [`IDLE_GRACE`] for what happens when draining.

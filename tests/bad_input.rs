@@ -11,7 +11,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{example_path, wait_exit, TempDir, DEADLINE};
+use common::{example_path, spawn_retrying, wait_exit, TempDir, DEADLINE};
 
 /// Kills and reaps the child if the test ends while it runs.
 struct Guard(Option<Child>);
@@ -65,16 +65,7 @@ fn run(env: &[(&str, &str)], fd: Option<RawFd>, own_listen_pid: bool, args: &[&s
             });
         }
     }
-    let mut attempts = 0;
-    let child = loop {
-        match command.spawn() {
-            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && attempts < 100 => {
-                attempts += 1;
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            result => break result.expect("spawn"),
-        }
-    };
+    let child = spawn_retrying(&mut command);
     let pid = child.id();
     let mut guard = Guard(Some(child));
     assert!(wait_exit_keep(pid), "http_server did not exit on bad input");
@@ -275,23 +266,14 @@ fn socket_activation_for_another_process_is_ignored() {
     let dir = TempDir::new("ignored-activation");
     let bin = dir.path().join("http_server");
     std::fs::copy(example_path("http_server"), &bin).unwrap();
-    let mut attempts = 0;
-    let child = loop {
-        let spawned = Command::new(&bin)
+    let child = spawn_retrying(
+        Command::new(&bin)
             .args(["--listen", "127.0.0.1:0"])
             .env("LISTEN_PID", "1")
             .env("LISTEN_FDS", "3")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn();
-        match spawned {
-            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && attempts < 100 => {
-                attempts += 1;
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            result => break result.expect("spawn"),
-        }
-    };
+            .stderr(Stdio::null()),
+    );
     let pid = child.id();
     let mut guard = Guard(Some(child));
     let stdout = guard

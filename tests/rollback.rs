@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::http::get;
 use common::load::Load;
-use common::{wait_exit, zombie_children, Options, Server};
+use common::{all_processes, wait_exit, zombie_children, Options, Server};
 
 enum Replacement {
     /// A file with these bytes and this mode.
@@ -83,25 +83,13 @@ fn roll_back(replacement: Replacement, expected_error: &str) {
     assert_eq!(server.processes(), vec![new]);
 }
 
-/// The grandchild of test (b) is reparented to this test process (a
-/// subreaper) when its group is killed: reap it here.
+/// The grandchild of the never-ready case is reparented to this test
+/// process (a subreaper) when its group is killed: reap it here.
 fn reap_orphaned_sleeps() {
     let me = std::process::id();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let is_orphaned_sleep = stat.contains("(sleep)")
-            && stat
-                .rsplit_once(") ")
-                .and_then(|(_, rest)| rest.split(' ').nth(1))
-                .and_then(|ppid| ppid.parse::<u32>().ok())
-                == Some(me);
-        if is_orphaned_sleep {
-            wait_exit(pid, Duration::from_secs(5));
+    for process in all_processes() {
+        if process.comm == "sleep" && process.ppid == me {
+            wait_exit(process.pid, Duration::from_secs(5));
         }
     }
 }

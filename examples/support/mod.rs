@@ -1,11 +1,34 @@
-//! Helpers shared by the example servers: event lines on stdout, logging,
-//! and flag parsing.
+//! What the example servers share: their common flags, the server lifecycle
+//! (claim listeners, accept until told to stop, report ready, drain, exit),
+//! and event lines on stdout. Each example only says how to serve one
+//! connection.
 
 use std::fmt;
+use std::future::Future;
 use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
-use handoff::{Handoff, UpgradeEvent};
+use handoff::{ConnectionGuard, Drain, Handoff, UpgradeEvent};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+/// Flags every example takes besides `--listen`.
+#[derive(clap::Args, Debug)]
+pub struct Flags {
+    /// Keep a PID file here that always names the generation serving new connections.
+    #[arg(long, value_name = "PATH")]
+    pub pid_file: Option<PathBuf>,
+    /// Seconds the new process has to become ready before the upgrade is abandoned.
+    #[arg(long, value_name = "SECS", default_value = "60", value_parser = secs)]
+    pub upgrade_timeout: Duration,
+    /// Seconds open connections get to finish when stopping; then they are cut.
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = secs)]
+    pub drain_timeout: Duration,
+}
 
 /// Prints one event line on stdout. Errors (a closed stdout) are ignored:
 /// a server must not die because nobody reads its events.
@@ -15,8 +38,7 @@ pub fn say(line: fmt::Arguments<'_>) {
     let _ = out.flush();
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_logging() {
+fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -34,18 +56,134 @@ pub fn secs(value: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|_| format!("{value:?} is not a duration"))
 }
 
+/// Runs a server: `name` prefixes listener names and error messages;
+/// `make_serve` builds the per-connection handler once the process knows its
+/// generation. Exit status: 0 after a clean drain, 1 if connections were cut,
+/// 2 if the server could not start.
+pub fn run<S, F>(
+    name: &'static str,
+    listen: Vec<SocketAddr>,
+    flags: Flags,
+    make_serve: impl FnOnce(&Handoff, &Drain) -> S,
+) -> ExitCode
+where
+    S: Fn(TcpStream, ConnectionGuard) -> F + Clone + Send + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    init_logging();
+    let mut builder = Handoff::builder().upgrade_timeout(flags.upgrade_timeout);
+    if let Some(path) = &flags.pid_file {
+        builder = builder.pid_file(path);
+    }
+    // Before the runtime starts: this reads and scrubs the environment.
+    let result = builder.build().map_err(Into::into).and_then(|handoff| {
+        let runtime = tokio::runtime::Runtime::new()?;
+        runtime.block_on(lifecycle(
+            name,
+            handoff,
+            listen,
+            flags.drain_timeout,
+            make_serve,
+        ))
+    });
+    result.unwrap_or_else(|error| {
+        eprintln!("{name}: {error}");
+        ExitCode::from(2)
+    })
+}
+
+async fn lifecycle<S, F>(
+    name: &'static str,
+    handoff: Handoff,
+    listen: Vec<SocketAddr>,
+    drain_timeout: Duration,
+    make_serve: impl FnOnce(&Handoff, &Drain) -> S,
+) -> Result<ExitCode, Box<dyn std::error::Error>>
+where
+    S: Fn(TcpStream, ConnectionGuard) -> F + Clone + Send + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let (pid, generation) = (std::process::id(), handoff.generation());
+    let mut listeners = Vec::new();
+    for (i, addr) in listen.iter().enumerate() {
+        listeners.push(handoff.tcp_listener(&format!("{name}{i}"), *addr)?);
+    }
+    handoff.handle_signals()?;
+    let reporter = Reporter::start(&handoff);
+    let drain = Drain::new();
+    let serve = make_serve(&handoff, &drain);
+    let mut addrs = Vec::new();
+    let mut accepting = Vec::new();
+    for listener in listeners {
+        addrs.push(listener.local_addr()?.to_string());
+        let task = accept_loop(listener, handoff.clone(), drain.clone(), serve.clone());
+        accepting.push(tokio::spawn(task));
+    }
+    say(format_args!(
+        "listening pid={pid} generation={generation} addrs={}",
+        addrs.join(",")
+    ));
+    handoff.ready()?;
+    say(format_args!("ready pid={pid} generation={generation}"));
+
+    let reason = handoff.stopping().await;
+    for task in accepting {
+        task.await?;
+    }
+    say(format_args!(
+        "stopping pid={pid} generation={generation} reason={:?} connections={}",
+        reason.to_string(),
+        drain.active()
+    ));
+    let report = drain.drain(drain_timeout, handoff.forced()).await;
+    reporter.finish().await;
+    say(format_args!(
+        "exit pid={pid} generation={generation} cut={} waited_ms={}",
+        report.cut,
+        report.waited.as_millis()
+    ));
+    Ok(if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Accepts until this process must stop, then drops (closes) its listener fd.
+async fn accept_loop<S, F>(listener: TcpListener, handoff: Handoff, drain: Drain, serve: S)
+where
+    S: Fn(TcpStream, ConnectionGuard) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        tokio::select! {
+            biased;
+            _ = handoff.stopping() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve(stream, drain.track()));
+                }
+                Err(error) => {
+                    // Out of fds or memory: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+}
+
 /// Prints a line for every upgrade event of this process, until [`finish`](Reporter::finish).
-pub struct Reporter {
+struct Reporter {
     task: tokio::task::JoinHandle<()>,
-    done: std::sync::Arc<tokio::sync::Notify>,
+    done: Arc<Notify>,
 }
 
 impl Reporter {
-    pub fn start(handoff: &Handoff) -> Reporter {
+    fn start(handoff: &Handoff) -> Reporter {
         let mut events = handoff.upgrade_events();
-        let done = std::sync::Arc::new(tokio::sync::Notify::new());
-        let pid = std::process::id();
-        let generation = handoff.generation();
+        let done = Arc::new(Notify::new());
+        let (pid, generation) = (std::process::id(), handoff.generation());
         let task = {
             let done = done.clone();
             tokio::spawn(async move {
@@ -68,7 +206,7 @@ impl Reporter {
     }
 
     /// Prints what is still queued, so no event line is lost at exit.
-    pub async fn finish(self) {
+    async fn finish(self) {
         self.done.notify_one();
         let _ = self.task.await;
     }

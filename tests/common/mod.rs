@@ -220,6 +220,8 @@ pub struct Server {
     pub events: Arc<Events>,
     pub addrs: Vec<SocketAddr>,
     pub first_pid: u32,
+    /// The first generation; reaped by PID (see `wait_exit`) like the others.
+    _first: std::process::Child,
     tag: String,
 }
 
@@ -273,18 +275,7 @@ impl Server {
         for (key, value) in &options.env {
             command.env(key, value);
         }
-        // Another test thread's fork may still hold the copied binary open
-        // for writing for a moment (ETXTBSY): retry briefly.
-        let mut attempts = 0;
-        let mut child = loop {
-            match command.spawn() {
-                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && attempts < 100 => {
-                    attempts += 1;
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                result => break result.expect("spawn the server"),
-            }
-        };
+        let mut child = spawn_retrying(&mut command);
         let first_pid = child.id();
         let stdout = child.stdout.take().expect("stdout pipe");
         let events = Arc::new(Events::default());
@@ -306,6 +297,7 @@ impl Server {
             events,
             addrs: Vec::new(),
             first_pid,
+            _first: child,
             tag,
         };
         let (_, listening) =
@@ -430,6 +422,56 @@ impl Drop for Server {
     }
 }
 
+/// Spawns `command`. Another test thread's fork may still hold a freshly
+/// copied binary open for writing for a moment (ETXTBSY): retry briefly.
+pub fn spawn_retrying(command: &mut Command) -> std::process::Child {
+    let mut attempts = 0;
+    loop {
+        match command.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && attempts < 100 => {
+                attempts += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            result => return result.expect("spawn"),
+        }
+    }
+}
+
+/// One line of `/proc/<pid>/stat`: what the tests need of it.
+pub struct ProcStat {
+    pub pid: u32,
+    pub comm: String,
+    pub state: char,
+    pub ppid: u32,
+}
+
+/// Every process on the machine, as far as `/proc` shows it now.
+pub fn all_processes() -> Vec<ProcStat> {
+    let mut all = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        let (Some(open), Some((head, rest))) = (stat.find('('), stat.rsplit_once(") ")) else {
+            continue;
+        };
+        let mut fields = rest.split(' ');
+        let state = fields.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        let ppid = fields.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        all.push(ProcStat {
+            pid,
+            comm: head[open + 1..].to_owned(),
+            state,
+            ppid,
+        });
+    }
+    all
+}
+
 /// Sends a signal; a process that is already gone is not an error.
 pub fn signal(pid: u32, signal: libc::c_int) {
     // SAFETY: kill takes a pid and a signal number only.
@@ -439,56 +481,30 @@ pub fn signal(pid: u32, signal: libc::c_int) {
 /// PIDs of live (non-zombie) processes whose environment has our tag.
 fn tagged_processes(tag: &str) -> Vec<u32> {
     let needle = format!("TEST_SERVER_TAG={tag}\0");
-    let mut pids = Vec::new();
-    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(environ) = fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        if environ
-            .windows(needle.len())
-            .any(|w| w == needle.as_bytes())
-            && !is_zombie(pid)
-        {
-            pids.push(pid);
-        }
-    }
-    pids
+    all_processes()
+        .into_iter()
+        .filter(|p| p.state != 'Z')
+        .filter(|p| {
+            fs::read(format!("/proc/{}/environ", p.pid))
+                .is_ok_and(|env| env.windows(needle.len()).any(|w| w == needle.as_bytes()))
+        })
+        .map(|p| p.pid)
+        .collect()
 }
 
 pub fn is_zombie(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            stat.rsplit_once(") ")
-                .map(|(_, rest)| rest.starts_with('Z'))
-        })
-        .unwrap_or(false)
+    all_processes()
+        .iter()
+        .any(|p| p.pid == pid && p.state == 'Z')
 }
 
 /// Children of `pid` that are zombies.
 pub fn zombie_children(pid: u32) -> Vec<u32> {
-    let mut zombies = Vec::new();
-    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let Some((_, rest)) = stat.rsplit_once(") ") else {
-            continue;
-        };
-        let mut parts = rest.split(' ');
-        let state = parts.next().unwrap_or("");
-        let ppid: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-        if ppid == pid && state == "Z" {
-            zombies.push(child);
-        }
-    }
-    zombies
+    all_processes()
+        .into_iter()
+        .filter(|p| p.ppid == pid && p.state == 'Z')
+        .map(|p| p.pid)
+        .collect()
 }
 
 /// Waits until `pid` exits, then reaps it if it is our child (directly or as
