@@ -13,6 +13,7 @@ use std::sync::Mutex;
 
 use crate::error::EnvError;
 use crate::notify::NotifyAddr;
+use crate::socket::PathId;
 
 pub(crate) const LISTEN_FDS: &str = "LISTEN_FDS";
 pub(crate) const LISTEN_PID: &str = "LISTEN_PID";
@@ -23,15 +24,20 @@ pub(crate) const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 pub(crate) const HANDOFF_GENERATION: &str = "HANDOFF_GENERATION";
 /// systemd's own `NOTIFY_SOCKET`, carried past the parent's private one.
 pub(crate) const HANDOFF_NOTIFY_UPSTREAM: &str = "HANDOFF_NOTIFY_UPSTREAM";
+/// For each passed fd (`:`-separated, in `LISTEN_FDS` order): the
+/// [`PathId`] of the Unix socket path the service bound for it, or nothing.
+/// Lets the last generation unlink a path its predecessor created.
+pub(crate) const HANDOFF_SOCKET_PATHS: &str = "HANDOFF_SOCKET_PATHS";
 
 /// Every variable this module consumes; all are removed from the environment.
-pub(crate) const CONSUMED: [&str; 6] = [
+pub(crate) const CONSUMED: [&str; 7] = [
     LISTEN_FDS,
     LISTEN_PID,
     LISTEN_FDNAMES,
     NOTIFY_SOCKET,
     HANDOFF_GENERATION,
     HANDOFF_NOTIFY_UPSTREAM,
+    HANDOFF_SOCKET_PATHS,
 ];
 
 /// The first inherited fd, as in `sd_listen_fds(3)`.
@@ -70,6 +76,8 @@ pub(crate) struct StartEnv {
     pub generation: u64,
     /// Inherited fds in order, with their names where the sender gave them.
     pub fds: Vec<(RawFd, Option<String>)>,
+    /// For each inherited fd, the socket path the service bound, if any.
+    pub path_ids: Vec<Option<PathId>>,
     /// A successor's parent, waiting for `READY=1`.
     pub notify_parent: Option<NotifyAddr>,
     /// systemd's notify socket, if the service runs under systemd.
@@ -81,6 +89,8 @@ pub(crate) struct StartEnv {
 pub(crate) struct InheritedFd {
     pub fd: OwnedFd,
     pub name: Option<String>,
+    /// The socket path the service bound for it (from a predecessor).
+    pub path_id: Option<PathId>,
 }
 
 /// Serialises takers so an fd is never wrapped in two `OwnedFd`s.
@@ -110,7 +120,7 @@ pub(crate) fn take_from_process() -> Option<Result<(StartEnv, Vec<InheritedFd>),
             .and_then(|(_, value)| value.clone())
     };
     let result =
-        parse(get, std::process::id()).and_then(|env| claim_fds(&env.fds).map(|fds| (env, fds)));
+        parse(get, std::process::id()).and_then(|env| claim_fds(&env).map(|fds| (env, fds)));
     Some(result)
 }
 
@@ -119,6 +129,7 @@ fn fresh(notify_upstream: Option<NotifyAddr>) -> StartEnv {
         mode: StartMode::Fresh,
         generation: 1,
         fds: Vec::new(),
+        path_ids: Vec::new(),
         notify_parent: None,
         notify_upstream,
     }
@@ -192,10 +203,15 @@ pub(crate) fn parse(
                     .collect()
             }
         };
+        let path_ids = match text(HANDOFF_SOCKET_PATHS)? {
+            Some(value) => parse_path_ids(&value, fds.len())?,
+            None => Vec::new(),
+        };
         return Ok(StartEnv {
             mode: StartMode::Successor,
             generation,
             fds,
+            path_ids,
             notify_parent: Some(notify_parent),
             notify_upstream: notify(HANDOFF_NOTIFY_UPSTREAM)?,
         });
@@ -241,6 +257,7 @@ pub(crate) fn parse(
             .map(|i| LISTEN_FDS_START + i as RawFd)
             .zip(names)
             .collect(),
+        path_ids: Vec::new(),
         notify_parent: None,
         notify_upstream,
     })
@@ -317,6 +334,30 @@ fn parse_names(value: &str, count: usize, strict: bool) -> Result<Vec<String>, E
     Ok(names)
 }
 
+fn parse_path_ids(value: &str, count: usize) -> Result<Vec<Option<PathId>>, EnvError> {
+    let fields: Vec<&str> = value.split(':').collect();
+    if fields.len() != count {
+        return Err(invalid(
+            HANDOFF_SOCKET_PATHS,
+            value,
+            &format!("it has {} fields but LISTEN_FDS is {count}", fields.len()),
+        ));
+    }
+    fields
+        .into_iter()
+        .map(|field| match field {
+            "" => Ok(None),
+            id => PathId::parse(id).map(Some).ok_or_else(|| {
+                invalid(
+                    HANDOFF_SOCKET_PATHS,
+                    value,
+                    &format!("{id:?} is not dev,ino,ctime,nsec"),
+                )
+            }),
+        })
+        .collect()
+}
+
 /// Why `name` cannot be used as an fd name, or `None` if it can.
 pub(crate) fn name_problem(name: &str) -> Option<&'static str> {
     if name.is_empty() {
@@ -333,28 +374,68 @@ pub(crate) fn name_problem(name: &str) -> Option<&'static str> {
 }
 
 /// Checks every announced fd is open, marks it close-on-exec and takes it over.
-fn claim_fds(fds: &[(RawFd, Option<String>)]) -> Result<Vec<InheritedFd>, EnvError> {
-    for &(fd, _) in fds {
-        // SAFETY: F_GETFD/F_SETFD only read and set the fd's flags; an fd
-        // number that is not open gives EBADF and changes nothing.
-        let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
-        if !open {
-            return Err(EnvError::FdNotOpen {
-                count: fds.len(),
-                fd,
-            });
-        }
-        // SAFETY: as above; fd was just seen open.
-        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    }
-    Ok(fds
+/// Two system calls however many fds there are (a server may inherit
+/// thousands): one `poll` reports fds that are not open (`POLLNVAL`), one
+/// `close_range(CLOSE_RANGE_CLOEXEC)` marks the whole range.
+fn claim_fds(env: &StartEnv) -> Result<Vec<InheritedFd>, EnvError> {
+    let (Some(&(first, _)), Some(&(last, _))) = (env.fds.first(), env.fds.last()) else {
+        return Ok(Vec::new());
+    };
+    let mut polls: Vec<libc::pollfd> = env
+        .fds
         .iter()
-        .map(|(fd, name)| InheritedFd {
+        .map(|&(fd, _)| libc::pollfd {
+            fd,
+            events: 0,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: polls is a valid array of polls.len() pollfds; timeout 0 means
+    // poll only reports and never blocks.
+    let polled = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, 0) };
+    if polled < 0 {
+        // Cannot tell in one call (EINTR, ENOMEM): ask fd by fd.
+        for poll in &mut polls {
+            // SAFETY: F_GETFD only reads the fd's flags; EBADF if not open.
+            if unsafe { libc::fcntl(poll.fd, libc::F_GETFD) } < 0 {
+                poll.revents = libc::POLLNVAL;
+            }
+        }
+    }
+    if let Some(closed) = polls.iter().find(|p| p.revents & libc::POLLNVAL != 0) {
+        return Err(EnvError::FdNotOpen {
+            count: env.fds.len(),
+            fd: closed.fd,
+        });
+    }
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets FD_CLOEXEC on the
+    // range, which holds exactly the fds announced to us (fds are 3, 4, …).
+    let marked = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            last as libc::c_uint,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    } == 0;
+    if !marked {
+        // Kernels before 5.11: one call per fd.
+        for &(fd, _) in &env.fds {
+            // SAFETY: F_SETFD only sets the flags of an fd seen open above.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+    }
+    Ok(env
+        .fds
+        .iter()
+        .enumerate()
+        .map(|(i, (fd, name))| InheritedFd {
             // SAFETY: the fd is open (checked above), and the LISTEN_FDS
             // protocol hands fds 3.. to this process: nothing else in it owns
             // them, and TAKEN makes sure this happens at most once.
             fd: unsafe { OwnedFd::from_raw_fd(*fd) },
             name: name.clone(),
+            path_id: env.path_ids.get(i).copied().flatten(),
         })
         .collect())
 }
@@ -386,19 +467,15 @@ mod tests {
         ("LISTEN_FDNAMES", "http:admin"),
     ];
 
-    fn with(var: &str, value: &str) -> Vec<(&'static str, String)> {
-        GOOD.iter()
-            .map(|(k, v)| {
-                (
-                    *k,
-                    if *k == var {
-                        value.to_owned()
-                    } else {
-                        (*v).to_owned()
-                    },
-                )
-            })
-            .collect()
+    /// The good successor environment with `var` set to `value`.
+    fn with<'a>(var: &'a str, value: &str) -> Vec<(&'a str, String)> {
+        let mut vars: Vec<(&str, String)> = GOOD
+            .iter()
+            .filter(|(k, _)| *k != var)
+            .map(|(k, v)| (*k, (*v).to_owned()))
+            .collect();
+        vars.push((var, value.to_owned()));
+        vars
     }
 
     fn err_with(var: &str, value: &str) -> String {
@@ -417,6 +494,19 @@ mod tests {
             vec![(3, Some("http".to_owned())), (4, Some("admin".to_owned()))]
         );
         assert!(env.notify_parent.is_some());
+    }
+
+    #[test]
+    fn socket_path_identities_follow_the_fds() {
+        let vars = with("HANDOFF_SOCKET_PATHS", "2049,77,1700000000,5:");
+        let refs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let env = run(&refs, 100).unwrap();
+        assert_eq!(env.path_ids.len(), 2);
+        assert_eq!(
+            env.path_ids[0].map(|id| id.to_string()).as_deref(),
+            Some("2049,77,1700000000,5")
+        );
+        assert_eq!(env.path_ids[1], None);
     }
 
     #[test]
@@ -446,6 +536,10 @@ mod tests {
             ("LISTEN_FDNAMES", "http:bad\u{7}name"),
             ("NOTIFY_SOCKET", "relative/path"),
             ("NOTIFY_SOCKET", ""),
+            ("HANDOFF_SOCKET_PATHS", "1,2,3,4"),
+            ("HANDOFF_SOCKET_PATHS", "1,2,3:"),
+            ("HANDOFF_SOCKET_PATHS", "1,2,3,4,5:"),
+            ("HANDOFF_SOCKET_PATHS", "a,b,c,d:"),
         ] {
             let message = err_with(var, value);
             assert!(message.contains(var), "{var}={value:?}: {message}");

@@ -1,11 +1,16 @@
 //! The registry of named fds: what this process inherited, what it claimed or
 //! created, and what it will hand to a successor.
+//!
+//! Each fd is inspected at most once (a server may hand over thousands), and
+//! lookups by name go through an index.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::cell::OnceCell;
+use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use crate::env::{name_problem, InheritedFd};
 use crate::error::Error;
-use crate::socket::{inspect, same_place, BoundPath, FdKind, LocalAddr};
+use crate::socket::{inspect, same_place, BoundPath, FdInfo, FdKind, LocalAddr};
 
 /// A request for a named fd: which kind, and where it must be bound.
 pub(crate) struct Wanted {
@@ -14,12 +19,44 @@ pub(crate) struct Wanted {
     pub addr: LocalAddr,
 }
 
+/// What a claim hands the caller: its own copy of the fd, and where it is bound.
+#[derive(Debug)]
+pub(crate) struct Claimed {
+    pub fd: OwnedFd,
+    pub addr: LocalAddr,
+}
+
+/// An inherited fd not claimed yet, with what it is (looked up once).
+#[derive(Debug)]
+struct Slot {
+    inherited: InheritedFd,
+    info: OnceCell<Option<FdInfo>>,
+}
+
+impl Slot {
+    /// What the fd is; `None` if it cannot be inspected.
+    fn info(&self) -> Option<&FdInfo> {
+        self.info
+            .get_or_init(|| inspect(self.inherited.fd.as_fd()).ok())
+            .as_ref()
+    }
+
+    fn is_unnamed(&self) -> bool {
+        matches!(
+            self.inherited.name.as_deref(),
+            None | Some(UNKNOWN) | Some("")
+        )
+    }
+}
+
 /// An fd registered for handoff under a name.
 #[derive(Debug)]
 struct Entry {
     name: String,
     /// `None` once closed because this process stops.
     fd: Option<OwnedFd>,
+    kind: FdKind,
+    addr: LocalAddr,
     /// Set when this process bound a Unix socket path itself.
     bound_path: Option<BoundPath>,
 }
@@ -27,9 +64,12 @@ struct Entry {
 /// All named fds of this process.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
-    /// Inherited fds not claimed yet; `None` once claimed.
-    inherited: Vec<Option<InheritedFd>>,
+    /// Inherited fds not claimed yet; `None` once claimed or closed.
+    slots: Vec<Option<Slot>>,
+    /// Slot indexes by inherited name (systemd may repeat a name).
+    by_name: HashMap<String, Vec<usize>>,
     entries: Vec<Entry>,
+    names: HashSet<String>,
 }
 
 /// The name systemd gives fds whose socket unit sets no `FileDescriptorName=`.
@@ -37,9 +77,25 @@ const UNKNOWN: &str = "unknown";
 
 impl Registry {
     pub(crate) fn new(inherited: Vec<InheritedFd>) -> Self {
+        let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
+        for (index, fd) in inherited.iter().enumerate() {
+            if let Some(name) = &fd.name {
+                by_name.entry(name.clone()).or_default().push(index);
+            }
+        }
         Registry {
-            inherited: inherited.into_iter().map(Some).collect(),
+            slots: inherited
+                .into_iter()
+                .map(|inherited| {
+                    Some(Slot {
+                        inherited,
+                        info: OnceCell::new(),
+                    })
+                })
+                .collect(),
+            by_name,
             entries: Vec::new(),
+            names: HashSet::new(),
         }
     }
 
@@ -51,60 +107,75 @@ impl Registry {
         name: &str,
         wanted: &Wanted,
         create: impl FnOnce() -> Result<(OwnedFd, Option<BoundPath>), Error>,
-    ) -> Result<OwnedFd, Error> {
+    ) -> Result<Claimed, Error> {
         if let Some(reason) = name_problem(name) {
             return Err(Error::InvalidName {
                 name: name.to_owned(),
                 reason,
             });
         }
-        if self.entries.iter().any(|e| e.name == name) {
+        if self.names.contains(name) {
             return Err(Error::NameInUse {
                 name: name.to_owned(),
             });
         }
-        let (fd, bound_path) = match self.find_inherited(name, wanted)? {
+        let (fd, addr, bound_path) = match self.find_inherited(name, wanted)? {
             Some(index) => {
-                let inherited = self.inherited[index].take();
-                (
-                    inherited.expect("find_inherited returns occupied slots").fd,
-                    None,
-                )
+                let slot = self.slots[index]
+                    .take()
+                    .expect("find_inherited returns occupied slots");
+                let addr = slot
+                    .info()
+                    .map_or(LocalAddr::Unnamed, |info| info.addr.clone());
+                // A path a predecessor bound stays the service's to unlink.
+                let bound_path = match (&addr, slot.inherited.path_id) {
+                    (LocalAddr::Unix(path), Some(identity)) => Some(BoundPath {
+                        path: path.clone(),
+                        identity,
+                    }),
+                    _ => None,
+                };
+                (slot.inherited.fd, addr, bound_path)
             }
             None => {
                 self.check_address_free(name, wanted)?;
-                create()?
+                let (fd, bound_path) = create()?;
+                let addr = match wanted.kind {
+                    FdKind::Other => LocalAddr::Unnamed,
+                    _ => inspect(fd.as_fd()).map_or_else(|_| wanted.addr.clone(), |info| info.addr),
+                };
+                (fd, addr, bound_path)
             }
         };
         let copy = fd
             .try_clone()
             .map_err(|e| Error::io(format!("cannot duplicate fd {name:?}"), e))?;
+        self.names.insert(name.to_owned());
         self.entries.push(Entry {
             name: name.to_owned(),
             fd: Some(fd),
+            kind: wanted.kind,
+            addr: addr.clone(),
             bound_path,
         });
-        tracing::debug!(listener = name, kind = ?wanted.kind, "fd registered for handoff");
-        Ok(copy)
+        Ok(Claimed { fd: copy, addr })
     }
 
     /// Finds the inherited fd for `name`: by name first (several fds may share
     /// a name under systemd, then by address among them), else an unnamed one
     /// bound to the wanted address. Checks its kind and address.
     fn find_inherited(&self, name: &str, wanted: &Wanted) -> Result<Option<usize>, Error> {
-        let named: Vec<usize> = self
-            .inherited
-            .iter()
-            .enumerate()
-            .filter(|(_, slot)| {
-                slot.as_ref()
-                    .is_some_and(|i| i.name.as_deref() == Some(name))
-            })
-            .map(|(index, _)| index)
-            .collect();
         let mut first_error = None;
-        for &index in &named {
-            match self.check(index, name, wanted) {
+        for &index in self
+            .by_name
+            .get(name)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            let Some(slot) = &self.slots[index] else {
+                continue;
+            };
+            match check(slot, name, wanted) {
                 Ok(()) => return Ok(Some(index)),
                 Err(e) => {
                     first_error.get_or_insert(e);
@@ -117,43 +188,14 @@ impl Registry {
         if wanted.kind == FdKind::Other {
             return Ok(None);
         }
-        let unnamed = self.inherited.iter().position(|slot| {
-            slot.as_ref().is_some_and(|i| {
-                matches!(i.name.as_deref(), None | Some(UNKNOWN) | Some(""))
-                    && inspect(i.fd.as_fd()).is_ok_and(|info| {
+        Ok(self.slots.iter().position(|slot| {
+            slot.as_ref().is_some_and(|slot| {
+                slot.is_unnamed()
+                    && slot.info().is_some_and(|info| {
                         info.kind == Some(wanted.kind) && info.addr == wanted.addr
                     })
             })
-        });
-        Ok(unnamed)
-    }
-
-    fn check(&self, index: usize, name: &str, wanted: &Wanted) -> Result<(), Error> {
-        let Some(inherited) = &self.inherited[index] else {
-            return Ok(());
-        };
-        let raw = std::os::fd::AsRawFd::as_raw_fd(&inherited.fd);
-        if wanted.kind == FdKind::Other {
-            return Ok(());
-        }
-        let info = inspect(inherited.fd.as_fd())
-            .map_err(|e| Error::io(format!("cannot inspect inherited fd {raw} ({name:?})"), e))?;
-        if info.kind != Some(wanted.kind) {
-            return Err(Error::WrongKind {
-                name: name.to_owned(),
-                fd: raw,
-                expected: wanted.kind.describe(),
-                found: info.to_string(),
-            });
-        }
-        if !info.addr.satisfies(&wanted.addr) {
-            return Err(Error::AddressMismatch {
-                name: name.to_owned(),
-                inherited: info.addr.to_string(),
-                requested: wanted.addr.to_string(),
-            });
-        }
-        Ok(())
+        }))
     }
 
     /// Refuses to bind an address that an inherited or registered socket
@@ -162,24 +204,20 @@ impl Registry {
         if wanted.kind == FdKind::Other {
             return Ok(());
         }
-        let inherited = self.inherited.iter().flatten().map(|i| {
-            (
-                i.name.clone().unwrap_or_else(|| UNKNOWN.to_owned()),
-                i.fd.as_fd(),
-            )
-        });
-        let registered = self
-            .entries
-            .iter()
-            .filter_map(|e| e.fd.as_ref().map(|fd| (e.name.clone(), fd.as_fd())));
-        for (other, fd) in inherited.chain(registered) {
-            if let Ok(info) = inspect(fd) {
+        let held = |other: &str| Error::AddressHeldByOtherName {
+            name: name.to_owned(),
+            addr: wanted.addr.to_string(),
+            other: other.to_owned(),
+        };
+        for entry in &self.entries {
+            if entry.kind == wanted.kind && same_place(&entry.addr, &wanted.addr) {
+                return Err(held(&entry.name));
+            }
+        }
+        for slot in self.slots.iter().flatten() {
+            if let Some(info) = slot.info() {
                 if info.kind == Some(wanted.kind) && same_place(&info.addr, &wanted.addr) {
-                    return Err(Error::AddressHeldByOtherName {
-                        name: name.to_owned(),
-                        addr: wanted.addr.to_string(),
-                        other,
-                    });
+                    return Err(held(slot.inherited.name.as_deref().unwrap_or(UNKNOWN)));
                 }
             }
         }
@@ -188,10 +226,11 @@ impl Registry {
 
     /// Closes every inherited fd that nobody claimed; returns their names.
     pub(crate) fn close_unclaimed(&mut self) -> Vec<String> {
-        self.inherited
+        self.by_name.clear();
+        self.slots
             .drain(..)
             .flatten()
-            .map(|i| i.name.unwrap_or_else(|| UNKNOWN.to_owned()))
+            .map(|slot| slot.inherited.name.unwrap_or_else(|| UNKNOWN.to_owned()))
             .collect()
     }
 
@@ -203,9 +242,27 @@ impl Registry {
             .collect()
     }
 
+    /// `HANDOFF_SOCKET_PATHS` for a successor: the identity of each passed
+    /// fd's socket path, if the service bound one; `None` if no fd has one.
+    pub(crate) fn socket_paths(&self) -> Option<String> {
+        let passed = self.entries.iter().filter(|e| e.fd.is_some());
+        if !passed.clone().any(|e| e.bound_path.is_some()) {
+            return None;
+        }
+        let fields: Vec<String> = passed
+            .map(|e| {
+                e.bound_path
+                    .as_ref()
+                    .map(|b| b.identity.to_string())
+                    .unwrap_or_default()
+            })
+            .collect();
+        Some(fields.join(":"))
+    }
+
     /// Drops every fd, after a successor took them over. Socket paths stay.
     pub(crate) fn release(&mut self) {
-        self.inherited.clear();
+        self.close_unclaimed();
         self.entries.clear();
     }
 
@@ -214,7 +271,7 @@ impl Registry {
     /// clients are refused instead of waiting in a backlog nobody accepts).
     /// The paths this process bound are kept, to unlink at the end.
     pub(crate) fn close_all(&mut self) {
-        self.inherited.clear();
+        self.close_unclaimed();
         for entry in &mut self.entries {
             entry.fd = None;
         }
@@ -235,6 +292,42 @@ impl Registry {
     }
 }
 
+/// Checks that an inherited fd is what `wanted` asks for.
+fn check(slot: &Slot, name: &str, wanted: &Wanted) -> Result<(), Error> {
+    if wanted.kind == FdKind::Other {
+        return Ok(());
+    }
+    let raw = slot.inherited.fd.as_raw_fd();
+    let info = match slot.info() {
+        Some(info) => info,
+        None => {
+            let error = inspect(slot.inherited.fd.as_fd())
+                .err()
+                .unwrap_or_else(|| std::io::Error::other("unknown"));
+            return Err(Error::io(
+                format!("cannot inspect inherited fd {raw} ({name:?})"),
+                error,
+            ));
+        }
+    };
+    if info.kind != Some(wanted.kind) {
+        return Err(Error::WrongKind {
+            name: name.to_owned(),
+            fd: raw,
+            expected: wanted.kind.describe(),
+            found: info.to_string(),
+        });
+    }
+    if !info.addr.satisfies(&wanted.addr) {
+        return Err(Error::AddressMismatch {
+            name: name.to_owned(),
+            inherited: info.addr.to_string(),
+            requested: wanted.addr.to_string(),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,6 +338,7 @@ mod tests {
         InheritedFd {
             fd,
             name: Some(name.to_owned()),
+            path_id: None,
         }
     }
 
@@ -290,10 +384,11 @@ mod tests {
             "{err}"
         );
         // The right request gets the inherited socket; port 0 means any port.
-        let fd = registry
+        let claimed = registry
             .claim("http", &tcp("127.0.0.1:0".parse().unwrap()), never)
             .unwrap();
-        assert_eq!(local(&fd), addr);
+        assert_eq!(local(&claimed.fd), addr);
+        assert_eq!(claimed.addr, LocalAddr::Inet(addr));
         assert_eq!(registry.handoff_fds().len(), 1);
         // Asking twice for one name is refused.
         let err = registry.claim("http", &tcp(addr), never).unwrap_err();
@@ -309,6 +404,7 @@ mod tests {
             InheritedFd {
                 fd: kept,
                 name: None,
+                path_id: None,
             },
             inherited(unclaimed, "old"),
         ]);
@@ -316,8 +412,8 @@ mod tests {
             kind: FdKind::Udp,
             addr: LocalAddr::Inet(addr),
         };
-        let fd = registry.claim("dns", &want, never).unwrap();
-        assert_eq!(local(&fd), addr);
+        let claimed = registry.claim("dns", &want, never).unwrap();
+        assert_eq!(local(&claimed.fd), addr);
         assert_eq!(registry.close_unclaimed(), vec!["old".to_owned()]);
         assert_eq!(registry.handoff_fds()[0].0, "dns");
     }

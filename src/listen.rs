@@ -23,23 +23,21 @@ impl Handoff {
     ) -> Result<OwnedFd, Error> {
         let shown = addr.to_string();
         let wanted = Wanted { kind, addr };
-        let fd = lock(&self.inner.registry).claim(name, &wanted, || {
+        let claimed = lock(&self.inner.registry).claim(name, &wanted, || {
             bind().map_err(|source| Error::Bind {
                 name: name.to_owned(),
                 addr: shown.clone(),
                 source,
             })
         })?;
-        let bound =
-            crate::socket::inspect(std::os::fd::AsFd::as_fd(&fd)).map(|info| info.addr.to_string());
-        tracing::info!(
+        tracing::debug!(
             pid = self.inner.pid,
             generation = self.inner.generation,
             listener = name,
-            addr = bound.as_deref().unwrap_or(&shown),
+            addr = %claimed.addr,
             "listening"
         );
-        Ok(fd)
+        Ok(claimed.fd)
     }
 
     /// A listening TCP socket named `name` bound to `addr` (IPv4 or IPv6), as
@@ -207,11 +205,12 @@ impl Handoff {
             kind: FdKind::Other,
             addr: LocalAddr::Unnamed,
         };
-        lock(&self.inner.registry).claim(name, &wanted, || {
+        let claimed = lock(&self.inner.registry).claim(name, &wanted, || {
             create()
                 .map(|fd| (fd, None))
                 .map_err(|e| Error::io(format!("cannot open the fd {name:?}"), e))
-        })
+        })?;
+        Ok(claimed.fd)
     }
 }
 

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use nix::sys::socket::{
     bind, getsockname, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag,
-    SockType, SockaddrStorage, UnixAddr,
+    SockType, SockaddrLike, SockaddrStorage, UnixAddr,
 };
 
 /// The kinds of fd the registry hands out.
@@ -79,12 +79,18 @@ impl LocalAddr {
 pub(crate) struct FdInfo {
     pub kind: Option<FdKind>,
     pub addr: LocalAddr,
-    description: String,
+    /// "IPv4", "Unix", …; `None` for an fd that is not a socket.
+    family: Option<&'static str>,
+    /// "listening TCP socket", "pipe", …
+    what: &'static str,
 }
 
 impl fmt::Display for FdInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.description)
+        match self.family {
+            Some(family) => write!(f, "{family} {} bound to {}", self.what, self.addr),
+            None => f.write_str(self.what),
+        }
     }
 }
 
@@ -108,54 +114,66 @@ fn int_opt(fd: BorrowedFd<'_>, opt: libc::c_int) -> io::Result<libc::c_int> {
     Ok(value)
 }
 
-/// Finds out what `fd` is: which kind of socket, bound where; or not a socket.
+/// Finds out what `fd` is: which kind of socket, bound where; or not a
+/// socket. Three system calls for a socket: this runs once per inherited fd,
+/// so its cost is paid a thousand times by a server with a thousand listeners.
 pub(crate) fn inspect(fd: BorrowedFd<'_>) -> io::Result<FdInfo> {
-    let stat = nix::sys::stat::fstat(fd)?;
-    let format = stat.st_mode & libc::S_IFMT;
-    if format != libc::S_IFSOCK {
-        let what = match format {
-            libc::S_IFREG => "regular file",
-            libc::S_IFIFO => "pipe",
-            libc::S_IFCHR => "character device",
-            libc::S_IFDIR => "directory",
-            _ => "not a socket",
-        };
-        return Ok(FdInfo {
-            kind: None,
-            addr: LocalAddr::Unnamed,
-            description: what.to_owned(),
-        });
-    }
-    let domain = int_opt(fd, libc::SO_DOMAIN)?;
-    let ty = int_opt(fd, libc::SO_TYPE)?;
-    let listening = int_opt(fd, libc::SO_ACCEPTCONN)? != 0;
+    // SO_ACCEPTCONN is set only on listening stream sockets, so for the
+    // common case (a listener) it also answers SO_TYPE.
+    let listening = match int_opt(fd, libc::SO_ACCEPTCONN) {
+        Ok(value) => value != 0,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => return not_a_socket(fd),
+        Err(e) => return Err(e),
+    };
+    let ty = if listening {
+        libc::SOCK_STREAM
+    } else {
+        int_opt(fd, libc::SO_TYPE)?
+    };
     let storage: SockaddrStorage = getsockname(fd.as_raw_fd())?;
     let addr = local_addr(&storage);
-    let family = match domain {
-        libc::AF_INET => "IPv4",
-        libc::AF_INET6 => "IPv6",
-        libc::AF_UNIX => "Unix",
+    let inet = matches!(addr, LocalAddr::Inet(_));
+    let unix = matches!(addr, LocalAddr::Unix(_) | LocalAddr::UnixAbstract(_))
+        || storage.family() == Some(AddressFamily::Unix);
+    let family = match &addr {
+        LocalAddr::Inet(SocketAddr::V4(_)) => "IPv4",
+        LocalAddr::Inet(SocketAddr::V6(_)) => "IPv6",
+        _ if unix => "Unix",
         _ => "other-family",
     };
-    let (kind, what) = match (domain, ty, listening) {
-        (libc::AF_INET | libc::AF_INET6, libc::SOCK_STREAM, true) => {
-            (Some(FdKind::TcpListener), "listening TCP socket")
-        }
-        (libc::AF_INET | libc::AF_INET6, libc::SOCK_STREAM, false) => {
-            (None, "TCP socket that is not listening")
-        }
-        (libc::AF_INET | libc::AF_INET6, libc::SOCK_DGRAM, _) => (Some(FdKind::Udp), "UDP socket"),
-        (libc::AF_UNIX, libc::SOCK_STREAM, true) => {
+    let (kind, what) = match (inet, unix, ty, listening) {
+        (true, _, libc::SOCK_STREAM, true) => (Some(FdKind::TcpListener), "listening TCP socket"),
+        (true, _, libc::SOCK_STREAM, false) => (None, "TCP socket that is not listening"),
+        (true, _, libc::SOCK_DGRAM, _) => (Some(FdKind::Udp), "UDP socket"),
+        (_, true, libc::SOCK_STREAM, true) => {
             (Some(FdKind::UnixListener), "listening stream socket")
         }
-        (libc::AF_UNIX, libc::SOCK_STREAM, false) => (None, "stream socket that is not listening"),
-        (libc::AF_UNIX, libc::SOCK_DGRAM, _) => (Some(FdKind::UnixDatagram), "datagram socket"),
+        (_, true, libc::SOCK_STREAM, false) => (None, "stream socket that is not listening"),
+        (_, true, libc::SOCK_DGRAM, _) => (Some(FdKind::UnixDatagram), "datagram socket"),
         _ => (None, "socket of another type"),
     };
     Ok(FdInfo {
         kind,
-        description: format!("{family} {what} bound to {addr}"),
         addr,
+        family: Some(family),
+        what,
+    })
+}
+
+fn not_a_socket(fd: BorrowedFd<'_>) -> io::Result<FdInfo> {
+    let stat = nix::sys::stat::fstat(fd)?;
+    let what = match stat.st_mode & libc::S_IFMT {
+        libc::S_IFREG => "regular file",
+        libc::S_IFIFO => "pipe",
+        libc::S_IFCHR => "character device",
+        libc::S_IFDIR => "directory",
+        _ => "not a socket",
+    };
+    Ok(FdInfo {
+        kind: None,
+        addr: LocalAddr::Unnamed,
+        family: None,
+        what,
     })
 }
 
@@ -194,17 +212,48 @@ pub(crate) fn bind_tcp(addr: SocketAddr) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// A Unix socket path this process bound, remembered by device, inode and
-/// change time (inode numbers are reused at once on tmpfs), so that it is only
-/// ever unlinked while it is still ours.
+/// Which file a socket path was when it was bound: device, inode and change
+/// time (inode numbers are reused at once on tmpfs, so the inode alone is
+/// not enough). Passed to successors as `dev,ino,ctime,nsec`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PathId(u64, u64, i64, i64);
+
+impl PathId {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        PathId(meta.dev(), meta.ino(), meta.ctime(), meta.ctime_nsec())
+    }
+
+    /// Parses `dev,ino,ctime,nsec`.
+    pub(crate) fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.split(',');
+        let mut next = || {
+            parts
+                .next()
+                .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        };
+        let id = PathId(
+            next()?.parse().ok()?,
+            next()?.parse().ok()?,
+            next()?.parse().ok()?,
+            next()?.parse().ok()?,
+        );
+        parts.next().is_none().then_some(id)
+    }
+}
+
+impl fmt::Display for PathId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{},{},{},{}", self.0, self.1, self.2, self.3)
+    }
+}
+
+/// A Unix socket path bound by this service (by this process or a
+/// predecessor), remembered by [`PathId`] so that it is only ever unlinked
+/// while it is still the same file.
 #[derive(Debug, Clone)]
 pub(crate) struct BoundPath {
     pub path: PathBuf,
-    identity: (u64, u64, i64, i64),
-}
-
-fn identity(meta: &std::fs::Metadata) -> (u64, u64, i64, i64) {
-    (meta.dev(), meta.ino(), meta.ctime(), meta.ctime_nsec())
+    pub identity: PathId,
 }
 
 impl BoundPath {
@@ -212,14 +261,14 @@ impl BoundPath {
         let meta = std::fs::symlink_metadata(path)?;
         Ok(BoundPath {
             path: path.to_path_buf(),
-            identity: identity(&meta),
+            identity: PathId::of(&meta),
         })
     }
 
     /// Unlinks the path if it is still the socket this process bound.
     pub(crate) fn unlink_if_ours(&self) {
         match std::fs::symlink_metadata(&self.path) {
-            Ok(meta) if identity(&meta) == self.identity => {
+            Ok(meta) if PathId::of(&meta) == self.identity => {
                 if let Err(error) = std::fs::remove_file(&self.path) {
                     tracing::warn!(path = %self.path.display(), %error, "cannot unlink socket path");
                 }

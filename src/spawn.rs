@@ -176,17 +176,23 @@ unsafe fn exec_child(p: &mut Prepared, err_fd: RawFd) -> ! {
         p.listen_pid[start..start + n].copy_from_slice(&digits[PID_DIGITS - n..]);
         p.listen_pid[start + n] = 0;
 
-        // Copy every source above the target range first, then place them.
+        // A source inside the target range could be overwritten before it is
+        // placed (or sit on its own target, where dup2 is a no-op that keeps
+        // FD_CLOEXEC): copy those above the range first. Sources above the
+        // range are placed directly, one call each.
         for (i, &src) in p.sources.iter().enumerate() {
-            let tmp = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, first_free);
-            if tmp < 0 {
-                fail(err_fd);
+            p.scratch[i] = src;
+            if src < first_free {
+                let tmp = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, first_free);
+                if tmp < 0 {
+                    fail(err_fd);
+                }
+                p.scratch[i] = tmp;
             }
-            p.scratch[i] = tmp;
         }
-        for (i, &tmp) in p.scratch.iter().enumerate() {
+        for (i, &src) in p.scratch.iter().enumerate() {
             // dup2 leaves the new fd without FD_CLOEXEC: it survives execve.
-            if libc::dup2(tmp, LISTEN_FDS_START + i as RawFd) < 0 {
+            if libc::dup2(src, LISTEN_FDS_START + i as RawFd) < 0 {
                 fail(err_fd);
             }
         }

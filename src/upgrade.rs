@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use tokio::sync::broadcast;
 
-use crate::env::{HANDOFF_GENERATION, HANDOFF_NOTIFY_UPSTREAM, NOTIFY_SOCKET};
+use crate::env::{
+    HANDOFF_GENERATION, HANDOFF_NOTIFY_UPSTREAM, HANDOFF_SOCKET_PATHS, NOTIFY_SOCKET,
+};
 use crate::error::UpgradeError;
 use crate::notify::NotifyListener;
 use crate::spawn::{exit_error, spawn, SpawnSpec};
@@ -185,6 +187,9 @@ async fn attempt(handoff: &Handoff) -> Result<u32, UpgradeError> {
     tracing::info!(pid = inner.pid, generation = inner.generation, program = %program.display(), "upgrade started");
     let child = {
         let registry = lock(&inner.registry);
+        if let Some(paths) = registry.socket_paths() {
+            env.push((HANDOFF_SOCKET_PATHS, paths.into()));
+        }
         spawn(&SpawnSpec {
             program: &program,
             args: &inner.args,

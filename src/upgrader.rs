@@ -296,7 +296,13 @@ impl Handoff {
                 tracing::warn!(socket = %upstream, %error, "cannot notify the service manager");
             }
         }
-        tracing::info!(pid = inner.pid, generation = inner.generation, "ready");
+        let listeners = lock(&inner.registry).len();
+        tracing::info!(
+            pid = inner.pid,
+            generation = inner.generation,
+            listeners,
+            "ready"
+        );
         Ok(())
     }
 

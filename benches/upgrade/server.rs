@@ -1,0 +1,163 @@
+//! The servers under test: how each strategy starts its first process and
+//! replaces the serving process by a new one.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use crate::events::Kind;
+use crate::procs::{Family, Result};
+use crate::{serve, Ctx};
+
+/// The longest wait for one event line (a start with 1000 listeners binds
+/// them one by one and takes seconds).
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `http_server` with one `--listen` per address, run from the temp dir.
+pub fn http_server(ctx: &Ctx, listen: &[String]) -> Command {
+    let mut command = Command::new(&ctx.http_server);
+    for addr in listen {
+        command.arg("--listen").arg(addr);
+    }
+    command.current_dir(&ctx.tmp);
+    command
+}
+
+/// This binary as the SO_REUSEPORT server (`serve.rs`), run from the temp dir.
+fn reuseport_server(ctx: &Ctx, addr: &str, generation: u64) -> Command {
+    let mut command = Command::new(&ctx.bench);
+    command
+        .env(serve::SERVE_VAR, "reuseport")
+        .env(serve::ADDR_VAR, addr)
+        .env(serve::GENERATION_VAR, generation.to_string())
+        .current_dir(&ctx.tmp);
+    command
+}
+
+/// How the serving process is replaced (see the top of `upgrade.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Never: the baseline.
+    Steady,
+    /// `SIGHUP` to `http_server`: the successor inherits the socket.
+    Handoff,
+    /// `SIGTERM`, wait for the exit, start a fresh `http_server` on the port.
+    Naive,
+    /// A new process binds its own `SO_REUSEPORT` socket; then the old one
+    /// gets `SIGTERM`.
+    ReusePort,
+}
+
+/// The serving process of one lineage.
+pub struct Server {
+    family: Family,
+    strategy: Strategy,
+    pid: i32,
+    generation: u64,
+    pub addr: SocketAddr,
+    /// The first process's start: spawn → `ready`.
+    pub startup: Duration,
+}
+
+/// How long one handoff upgrade took, from the signal.
+pub struct Upgrade {
+    pub ready: Duration,
+    pub stopping: Duration,
+}
+
+impl Server {
+    /// Starts the first process with `listeners` sockets on ephemeral ports
+    /// and waits until it is ready.
+    pub fn start(ctx: &Ctx, strategy: Strategy, name: &str, listeners: usize) -> Result<Server> {
+        let mut family = Family::new(name, ctx.tmp.join(format!("{name}.log")));
+        let command = match strategy {
+            Strategy::ReusePort => reuseport_server(ctx, "127.0.0.1:0", 1),
+            _ => http_server(ctx, &vec!["127.0.0.1:0".to_owned(); listeners]),
+        };
+        let spawned = Instant::now();
+        let pid = family.spawn(command)?;
+        let listening = family.wait_for("listening", EVENT_TIMEOUT, |e| {
+            e.kind == Kind::Listening && e.pid == pid
+        })?;
+        let addr = *listening
+            .addrs
+            .first()
+            .ok_or_else(|| format!("{name}: no address in {:?}", listening.line))?;
+        let ready = family.wait_for("ready", EVENT_TIMEOUT, |e| {
+            e.kind == Kind::Ready && e.pid == pid
+        })?;
+        Ok(Server {
+            family,
+            strategy,
+            pid,
+            generation: ready.generation,
+            addr,
+            startup: ready.at.saturating_duration_since(spawned),
+        })
+    }
+
+    /// Upgrades with SIGHUP; returns once the old process has exited.
+    pub fn upgrade(&mut self) -> Result<Upgrade> {
+        let (old, next) = (self.pid, self.generation + 1);
+        let signalled = Instant::now();
+        self.family.signal(old, Signal::SIGHUP)?;
+        let ready =
+            self.family
+                .wait_for(&format!("ready of generation {next}"), EVENT_TIMEOUT, |e| {
+                    e.kind == Kind::Ready && e.generation == next && e.pid != old
+                })?;
+        let stopping =
+            self.family
+                .wait_for(&format!("stopping of pid {old}"), EVENT_TIMEOUT, |e| {
+                    e.kind == Kind::Stopping && e.pid == old
+                })?;
+        self.family
+            .wait_for(&format!("exit of pid {old}"), EVENT_TIMEOUT, |e| {
+                e.kind == Kind::Exit && e.pid == old
+            })?;
+        self.family.reap(old)?;
+        (self.pid, self.generation) = (ready.pid, next);
+        Ok(Upgrade {
+            ready: ready.at.saturating_duration_since(signalled),
+            stopping: stopping.at.saturating_duration_since(signalled),
+        })
+    }
+
+    /// Replaces the serving process the strategy's way; returns the time from
+    /// the first step until the new process was ready.
+    pub fn restart(&mut self, ctx: &Ctx) -> Result<Duration> {
+        let addr = self.addr.to_string();
+        match self.strategy {
+            Strategy::Steady => Ok(Duration::ZERO),
+            Strategy::Handoff => self.upgrade().map(|u| u.ready),
+            Strategy::Naive => {
+                let begun = Instant::now();
+                self.family.stop(self.pid, EVENT_TIMEOUT)?;
+                let pid = self.family.spawn(http_server(ctx, &[addr]))?;
+                let ready = self.family.wait_for("ready", EVENT_TIMEOUT, |e| {
+                    e.kind == Kind::Ready && e.pid == pid
+                })?;
+                self.pid = pid;
+                Ok(ready.at.saturating_duration_since(begun))
+            }
+            Strategy::ReusePort => {
+                let begun = Instant::now();
+                let pid = self
+                    .family
+                    .spawn(reuseport_server(ctx, &addr, self.generation + 1))?;
+                let ready = self.family.wait_for("ready", EVENT_TIMEOUT, |e| {
+                    e.kind == Kind::Ready && e.pid == pid
+                })?;
+                self.family.stop(self.pid, EVENT_TIMEOUT)?;
+                (self.pid, self.generation) = (pid, self.generation + 1);
+                Ok(ready.at.saturating_duration_since(begun))
+            }
+        }
+    }
+
+    pub fn stop(mut self) -> Result<()> {
+        self.family.stop(self.pid, EVENT_TIMEOUT).map(drop)
+    }
+}
