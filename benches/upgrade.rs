@@ -67,6 +67,9 @@
 
 #[path = "upgrade/events.rs"]
 mod events;
+/// The HTTP serving of `examples/http_server.rs`, shared with the SO_REUSEPORT server.
+#[path = "../examples/support/http.rs"]
+mod http;
 #[path = "upgrade/load.rs"]
 mod load;
 #[path = "upgrade/procs.rs"]
@@ -356,14 +359,18 @@ fn listeners(ctx: &Ctx) -> Result<Vec<ListenerRow>> {
     eprintln!("listeners: {counts:?}, {runs} upgrades each …");
     let mut chains = Vec::new();
     let mut rows = Vec::new();
-    for &count in counts {
-        let chain = Server::start(ctx, Strategy::Handoff, &format!("listeners-{count}"), count)?;
-        rows.push(ListenerRow {
-            listeners: count,
-            fresh_start: chain.startup,
-            ready: Vec::new(),
-        });
-        chains.push(chain);
+    for (strategy, server) in [(Strategy::Handoff, "http_server"), (Strategy::Bare, "bare")] {
+        for &count in counts {
+            let name = format!("listeners-{server}-{count}");
+            let chain = Server::start(ctx, strategy, &name, count)?;
+            rows.push(ListenerRow {
+                server,
+                listeners: count,
+                fresh_start: chain.startup,
+                ready: Vec::new(),
+            });
+            chains.push(chain);
+        }
     }
     let cap = Instant::now() + ctx.config.phase_cap;
     for run in 0..runs {
@@ -374,7 +381,7 @@ fn listeners(ctx: &Ctx) -> Result<Vec<ListenerRow>> {
             );
             break;
         }
-        // Round-robin, starting with a different count each round.
+        // Round-robin, starting with a different chain each round.
         for i in 0..chains.len() {
             let k = (run + i) % chains.len();
             rows[k].ready.push(chains[k].upgrade()?.ready);

@@ -13,7 +13,6 @@
 //! `HANDOFF_BENCH_ADDR` is the address to bind, `HANDOFF_BENCH_GENERATION`
 //! the generation to report. SIGTERM stops accepting, drains, exits.
 
-use std::convert::Infallible;
 use std::error::Error;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -22,25 +21,21 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use handoff::{ConnectionGuard, Drain};
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use handoff::Drain;
 use nix::sys::socket::{
     bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
     SockaddrStorage,
 };
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
+
+use crate::http::{serve, App};
 use tokio::signal::unix::{signal, SignalKind};
 
 pub const SERVE_VAR: &str = "HANDOFF_BENCH_SERVE";
 pub const ADDR_VAR: &str = "HANDOFF_BENCH_ADDR";
 pub const GENERATION_VAR: &str = "HANDOFF_BENCH_GENERATION";
+pub const LISTENERS_VAR: &str = "HANDOFF_BENCH_LISTENERS";
 
-/// As in `examples/http_server.rs`: once draining begins, a connection gets
-/// this long to send its next request (answered with `Connection: close`).
-const IDLE_GRACE: Duration = Duration::from_secs(1);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs the server and returns its exit code if this process was started as one.
@@ -48,6 +43,7 @@ pub fn serve_if_asked() -> Option<ExitCode> {
     let mode = std::env::var(SERVE_VAR).ok()?;
     let result = match mode.as_str() {
         "reuseport" => run(),
+        "bare" => run_bare(),
         other => Err(format!("unknown {SERVE_VAR}={other:?}").into()),
     };
     Some(result.unwrap_or_else(|error| {
@@ -60,11 +56,6 @@ fn say(line: std::fmt::Arguments<'_>) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
-}
-
-struct App {
-    pid: u32,
-    generation: u64,
 }
 
 fn run() -> Result<ExitCode, Box<dyn Error>> {
@@ -138,55 +129,41 @@ fn bind_reuseport(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(listener)
 }
 
-/// The connection handling of `examples/http_server.rs`: once draining
-/// begins, responses carry `Connection: close` and a connection gets
-/// [`IDLE_GRACE`] to send its next request before it is closed.
-async fn serve(stream: TcpStream, guard: ConnectionGuard, drain: Drain, app: Arc<App>) {
-    let _ = stream.set_nodelay(true);
-    let service = hyper::service::service_fn(move |request| {
-        let (app, drain) = (app.clone(), drain.clone());
-        async move {
-            let mut response = handle(request, app);
-            if drain.is_draining() {
-                // hyper closes the connection after this response.
-                response.headers_mut().insert(
-                    hyper::header::CONNECTION,
-                    hyper::header::HeaderValue::from_static("close"),
-                );
-            }
-            Ok::<_, Infallible>(response)
+/// The handoff mechanism alone: claims `HANDOFF_BENCH_LISTENERS` TCP
+/// listeners as std sockets (no runtime registration, no accept tasks), says
+/// ready, and on `SIGHUP` hands them to its successor (this binary again, with
+/// the same environment). It serves nothing. Its upgrade latency is what the
+/// library itself costs per listener, apart from what a server does with each.
+fn run_bare() -> Result<ExitCode, Box<dyn Error>> {
+    let count: usize = std::env::var(LISTENERS_VAR)?.parse()?;
+    let handoff = handoff::Handoff::builder().build()?;
+    let (pid, generation) = (std::process::id(), handoff.generation());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let any: SocketAddr = "127.0.0.1:0".parse()?;
+        let mut listeners = Vec::with_capacity(count);
+        for i in 0..count {
+            listeners.push(handoff.std_tcp_listener(&format!("l{i}"), any)?);
         }
-    });
-    let connection = hyper::server::conn::http1::Builder::new()
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(connection);
-    tokio::select! {
-        _ = connection.as_mut() => return,
-        () = guard.draining() => {}
-    }
-    tokio::select! {
-        _ = connection.as_mut() => return,
-        () = tokio::time::sleep(IDLE_GRACE) => {}
-        () = guard.cut() => return,
-    }
-    // Still open: close it if idle, or after the request in flight.
-    connection.as_mut().graceful_shutdown();
-    tokio::select! {
-        _ = connection.as_mut() => {}
-        () = guard.cut() => {}
-    }
-}
-
-fn handle(request: Request<Incoming>, app: Arc<App>) -> Response<Full<Bytes>> {
-    let (status, body) = match request.uri().path() {
-        "/" => (
-            StatusCode::OK,
-            format!("pid={} generation={}\n", app.pid, app.generation),
-        ),
-        _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
-    };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response
+        let first = listeners.first().map(|l| l.local_addr()).transpose()?;
+        handoff.handle_signals()?;
+        let addrs = first.map(|a| a.to_string()).unwrap_or_default();
+        say(format_args!(
+            "listening pid={pid} generation={generation} addrs={addrs}"
+        ));
+        handoff.ready()?;
+        say(format_args!("ready pid={pid} generation={generation}"));
+        let reason = handoff.stopping().await;
+        drop(listeners);
+        say(format_args!(
+            "stopping pid={pid} generation={generation} reason={:?} connections=0",
+            reason.to_string()
+        ));
+        say(format_args!(
+            "exit pid={pid} generation={generation} cut=0 waited_ms=0"
+        ));
+        Ok(ExitCode::SUCCESS)
+    })
 }

@@ -36,6 +36,17 @@ fn reuseport_server(ctx: &Ctx, addr: &str, generation: u64) -> Command {
     command
 }
 
+/// This binary as the bare handoff server (`serve.rs`): `listeners` std
+/// listeners, nothing served.
+fn bare_server(ctx: &Ctx, listeners: usize) -> Command {
+    let mut command = Command::new(&ctx.bench);
+    command
+        .env(serve::SERVE_VAR, "bare")
+        .env(serve::LISTENERS_VAR, listeners.to_string())
+        .current_dir(&ctx.tmp);
+    command
+}
+
 /// How the serving process is replaced (see the top of `upgrade.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Strategy {
@@ -43,6 +54,8 @@ pub enum Strategy {
     Steady,
     /// `SIGHUP` to `http_server`: the successor inherits the socket.
     Handoff,
+    /// `SIGHUP` to the bare server: the handoff mechanism alone.
+    Bare,
     /// `SIGTERM`, wait for the exit, start a fresh `http_server` on the port.
     Naive,
     /// A new process binds its own `SO_REUSEPORT` socket; then the old one
@@ -74,6 +87,7 @@ impl Server {
         let mut family = Family::new(name, ctx.tmp.join(format!("{name}.log")));
         let command = match strategy {
             Strategy::ReusePort => reuseport_server(ctx, "127.0.0.1:0", 1),
+            Strategy::Bare => bare_server(ctx, listeners),
             _ => http_server(ctx, &vec!["127.0.0.1:0".to_owned(); listeners]),
         };
         let spawned = Instant::now();
@@ -131,7 +145,7 @@ impl Server {
         let addr = self.addr.to_string();
         match self.strategy {
             Strategy::Steady => Ok(Duration::ZERO),
-            Strategy::Handoff => self.upgrade().map(|u| u.ready),
+            Strategy::Handoff | Strategy::Bare => self.upgrade().map(|u| u.ready),
             Strategy::Naive => {
                 let begun = Instant::now();
                 self.family.stop(self.pid, EVENT_TIMEOUT)?;
