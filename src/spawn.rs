@@ -368,3 +368,36 @@ pub(crate) fn resolve_program(argv0: &OsStr, cwd: &Path) -> Option<PathBuf> {
         .map(|dir| cwd.join(dir).join(given))
         .find(|candidate| candidate.is_file())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argv0_with_a_slash_is_made_absolute_against_the_start_directory() {
+        let cwd = Path::new("/srv/app");
+        assert_eq!(
+            resolve_program(OsStr::new("./bin/server"), cwd),
+            Some(PathBuf::from("/srv/app/./bin/server"))
+        );
+        assert_eq!(
+            resolve_program(OsStr::new("/usr/bin/server"), cwd),
+            Some(PathBuf::from("/usr/bin/server"))
+        );
+    }
+
+    #[test]
+    fn a_bare_argv0_is_looked_up_in_path() {
+        // `sh` is on PATH on any machine these tests run on; a made-up name is not.
+        let found = resolve_program(OsStr::new("sh"), Path::new("/")).expect("sh on PATH");
+        assert!(
+            found.is_absolute() && found.ends_with("sh"),
+            "{}",
+            found.display()
+        );
+        assert_eq!(
+            resolve_program(OsStr::new("no-such-binary-handoff-test"), Path::new("/")),
+            None
+        );
+    }
+}
