@@ -59,6 +59,7 @@ mod fds;
 mod listen;
 mod notify;
 mod pidfile;
+mod service;
 mod signals;
 mod socket;
 mod spawn;

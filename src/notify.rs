@@ -1,6 +1,7 @@
 //! The `sd_notify` datagram protocol: a parent's private notify socket that
 //! hears `READY=1` from its successor (checking the sender's PID with
-//! `SCM_CREDENTIALS`), and sending messages to such a socket.
+//! `SCM_CREDENTIALS`), sending messages to such a socket, and [`Upstream`]:
+//! the service manager's (systemd's) socket, with the `BARRIER=1` handshake.
 
 use std::fmt;
 use std::io::{self, IoSliceMut};
@@ -8,9 +9,12 @@ use std::os::fd::AsRawFd;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr as UnixSocketAddr, UnixDatagram as StdUnixDatagram};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
-use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, UnixAddr};
+use nix::sys::socket::{
+    recvmsg, sendmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr,
+};
 use tokio::io::Interest;
 use tokio::net::UnixDatagram;
 
@@ -55,6 +59,109 @@ impl NotifyAddr {
         }
         Ok(())
     }
+}
+
+impl NotifyAddr {
+    fn unix_addr(&self) -> io::Result<UnixAddr> {
+        Ok(match self {
+            NotifyAddr::Path(path) => UnixAddr::new(path.as_path())?,
+            NotifyAddr::Abstract(name) => UnixAddr::new_abstract(name)?,
+        })
+    }
+
+    /// Sends `message` with `fd` attached (`SCM_RIGHTS`).
+    fn send_with_fd(&self, message: &str, fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+        let socket = StdUnixDatagram::unbound()?;
+        let fds = [fd.as_raw_fd()];
+        let iov = [io::IoSlice::new(message.as_bytes())];
+        sendmsg(
+            socket.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            Some(&self.unix_addr()?),
+        )?;
+        Ok(())
+    }
+}
+
+/// The service manager's notify socket: `NOTIFY_SOCKET` as systemd set it.
+/// Without one every call is a no-op; when sending fails the service goes on
+/// serving, and only the first failure is logged.
+#[derive(Debug)]
+pub(crate) struct Upstream {
+    addr: Option<NotifyAddr>,
+    warned: AtomicBool,
+}
+
+impl Upstream {
+    pub(crate) fn new(addr: Option<NotifyAddr>) -> Self {
+        Upstream {
+            addr,
+            warned: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn addr(&self) -> Option<&NotifyAddr> {
+        self.addr.as_ref()
+    }
+
+    fn warn_once(&self, addr: &NotifyAddr, error: &io::Error) {
+        if !self.warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(socket = %addr, %error, "cannot notify the service manager; serving goes on");
+        }
+    }
+
+    /// Sends newline-separated `KEY=VALUE` lines; true if they were sent.
+    pub(crate) fn send(&self, message: &str) -> bool {
+        let Some(addr) = &self.addr else {
+            return false;
+        };
+        tracing::debug!(socket = %addr, message, "notify");
+        match addr.send(message) {
+            Ok(()) => true,
+            Err(error) => {
+                self.warn_once(addr, &error);
+                false
+            }
+        }
+    }
+
+    /// The `BARRIER=1` handshake (as `sd_notify_barrier(3)`): sends the write
+    /// end of a pipe and waits, at most `timeout`, until the manager closes it,
+    /// which it does once it has processed every earlier message. True if the
+    /// manager answered.
+    pub(crate) async fn barrier(&self, timeout: Duration) -> bool {
+        let Some(addr) = &self.addr else {
+            return false;
+        };
+        let result = async {
+            let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+            addr.send_with_fd("BARRIER=1", std::os::fd::AsFd::as_fd(&write))?;
+            drop(write);
+            let read = tokio::net::unix::pipe::Receiver::from_owned_fd(read)?;
+            // The read end becomes readable (hang-up) once every copy of the
+            // write end is closed.
+            tokio::time::timeout(timeout, read.readable())
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer to BARRIER=1"))?
+        }
+        .await;
+        match result {
+            Ok(()) => true,
+            Err(error) => {
+                self.warn_once(addr, &error);
+                false
+            }
+        }
+    }
+}
+
+/// `MONOTONIC_USEC=` for `RELOADING=1`: now on `CLOCK_MONOTONIC`, in µs.
+pub(crate) fn monotonic_usec() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000)
+        .unwrap_or(0)
 }
 
 impl fmt::Display for NotifyAddr {
@@ -187,6 +294,23 @@ mod tests {
         assert!(NotifyAddr::parse("@").is_err());
         assert!(NotifyAddr::parse("run/notify").is_err());
         assert_eq!(NotifyAddr::parse("@abc").unwrap().to_string(), "@abc");
+    }
+
+    #[tokio::test]
+    async fn the_barrier_completes_when_the_receiver_closes_the_fd() {
+        let listener = NotifyListener::bind().unwrap();
+        let upstream = Upstream::new(Some(listener.addr().clone()));
+        let barrier = tokio::spawn(async move { upstream.barrier(Duration::from_secs(30)).await });
+        // The "manager" reads the message; receiving and dropping the fd closes it.
+        let msg = listener.recv().await.unwrap();
+        assert!(msg.has("BARRIER=1"));
+        assert!(
+            barrier.await.unwrap(),
+            "the barrier returned once the fd was closed"
+        );
+        // No manager at all: a no-op.
+        assert!(!Upstream::new(None).barrier(Duration::from_secs(1)).await);
+        assert!(!Upstream::new(None).send("READY=1"));
     }
 
     #[tokio::test]

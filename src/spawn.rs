@@ -229,7 +229,8 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> Result<Child, UpgradeError> {
     drop(err_write);
     let mut child = Child { pid, pidfd: None };
     child.pidfd = Some(
-        open_pidfd(pid)
+        open_pidfd(pid.as_raw())
+            .and_then(register)
             .map_err(|e| UpgradeError::io("cannot open a pidfd for the new process", e))?,
     );
 
@@ -256,15 +257,19 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> Result<Child, UpgradeError> {
     Ok(child)
 }
 
-fn open_pidfd(pid: Pid) -> io::Result<AsyncFd<OwnedFd>> {
+/// A pidfd for `pid`: readable once the process has exited (Linux 5.3+).
+pub(crate) fn open_pidfd(pid: libc::pid_t) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd (always
     // close-on-exec) or -1; no memory is passed.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: the syscall just returned this fd to us and nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: the AsyncFd owns the OwnedFd, so the fd stays open for as long
     // as it is registered.
     unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)

@@ -118,6 +118,7 @@ impl UpgradeTicket {
         let _ = inner.events.send(UpgradeEvent::Started {
             generation: inner.generation,
         });
+        handoff.tell_upgrading();
         let result = attempt(&handoff).await;
         self.done = true;
         match &result {
@@ -132,6 +133,9 @@ impl UpgradeTicket {
                     successor,
                     "upgrade succeeded"
                 );
+                // Before this process stops accepting and drains: systemd
+                // must know its new main process first.
+                handoff.tell_handover(*successor).await;
                 let _ = inner.events.send(UpgradeEvent::Succeeded {
                     successor: *successor,
                 });
@@ -142,6 +146,7 @@ impl UpgradeTicket {
             Err(error) => {
                 *lock(&inner.state) = State::Serving;
                 tracing::error!(pid = inner.pid, generation = inner.generation, %error, "upgrade failed; still serving");
+                handoff.tell_upgrade_failed(&error.to_string());
                 let error = Arc::new(error.clone());
                 let _ = inner.events.send(UpgradeEvent::Failed { error });
             }
@@ -181,7 +186,7 @@ async fn attempt(handoff: &Handoff) -> Result<u32, UpgradeError> {
         ),
         (NOTIFY_SOCKET, listener.addr().to_string().into()),
     ];
-    if let Some(upstream) = &inner.notify_upstream {
+    if let Some(upstream) = inner.upstream.addr() {
         env.push((HANDOFF_NOTIFY_UPSTREAM, upstream.to_string().into()));
     }
     tracing::info!(pid = inner.pid, generation = inner.generation, program = %program.display(), "upgrade started");

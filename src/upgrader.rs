@@ -3,6 +3,7 @@
 //! `ready()`.
 
 use std::ffi::OsString;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -13,8 +14,9 @@ use tokio_util::sync::CancellationToken;
 use crate::env::{self, StartMode};
 use crate::error::Error;
 use crate::fds::Registry;
-use crate::notify::NotifyAddr;
+use crate::notify::{NotifyAddr, Upstream};
 use crate::pidfile::PidFile;
+use crate::spawn::open_pidfd;
 use crate::spawn::resolve_program;
 use crate::upgrade::UpgradeEvent;
 
@@ -88,6 +90,11 @@ impl Builder {
             }
         };
         let pid = std::process::id();
+        // A successor under systemd watches its parent (see `watch_parent`).
+        let parent = match (start.mode, &start.notify_upstream) {
+            (StartMode::Successor, Some(_)) => open_pidfd(nix::unistd::getppid().as_raw()).ok(),
+            _ => None,
+        };
         tracing::info!(pid, generation = start.generation, mode = ?start.mode, inherited = inherited.len(), "handoff started");
         let (events, _) = broadcast::channel(64);
         Ok(Handoff {
@@ -101,7 +108,9 @@ impl Builder {
                 pid_file: self.pid_file.map(PidFile::new),
                 upgrade_timeout: self.upgrade_timeout,
                 notify_parent: start.notify_parent,
-                notify_upstream: start.notify_upstream,
+                parent: Mutex::new(parent),
+                upstream: Upstream::new(start.notify_upstream),
+                last_failure: Mutex::new(None),
                 registry: Mutex::new(Registry::new(inherited)),
                 state: Mutex::new(State::Starting),
                 stop: CancellationToken::new(),
@@ -188,7 +197,10 @@ pub(crate) struct Inner {
     pub pid_file: Option<PidFile>,
     pub upgrade_timeout: Duration,
     pub notify_parent: Option<NotifyAddr>,
-    pub notify_upstream: Option<NotifyAddr>,
+    pub upstream: Upstream,
+    /// A successor's parent, watched so it can re-announce `MAINPID=`.
+    pub parent: Mutex<Option<OwnedFd>>,
+    pub last_failure: Mutex<Option<String>>,
     pub registry: Mutex<Registry>,
     pub state: Mutex<State>,
     pub stop: CancellationToken,
@@ -291,10 +303,10 @@ impl Handoff {
                     socket: parent.to_string(),
                     source,
                 })?;
-        } else if let Some(upstream) = &inner.notify_upstream {
-            if let Err(error) = upstream.send("READY=1") {
-                tracing::warn!(socket = %upstream, %error, "cannot notify the service manager");
-            }
+        }
+        self.tell_ready();
+        if let Some(parent) = lock(&inner.parent).take() {
+            self.watch_parent(parent);
         }
         let listeners = lock(&inner.registry).len();
         tracing::info!(
@@ -352,6 +364,7 @@ impl Handoff {
                 // No successor will take the fds: let the sockets close as
                 // soon as the application drops its own copies.
                 lock(&self.inner.registry).close_all();
+                self.tell_stopping();
             }
             *slot = Some(reason);
         }

@@ -135,7 +135,7 @@ where
         reason.to_string(),
         drain.active()
     ));
-    let report = drain.drain(drain_timeout, handoff.forced()).await;
+    let report = handoff.drain(&drain, drain_timeout).await;
     reporter.finish().await;
     say(format_args!(
         "exit pid={pid} generation={generation} cut={} waited_ms={}",

@@ -1,0 +1,145 @@
+//! What the service manager (systemd) hears, over `NOTIFY_SOCKET`: readiness,
+//! status lines, reloads (`RELOADING=1` … `READY=1`), the main-PID handover
+//! to a successor, stopping, and drain-time extensions. Without a
+//! `NOTIFY_SOCKET` all of this is skipped.
+
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+use crate::drain::{Drain, DrainReport};
+use crate::env::StartMode;
+use crate::notify::monotonic_usec;
+use crate::upgrader::{lock, Handoff};
+
+/// How long the old process waits for systemd to confirm `MAINPID=` before it
+/// stops anyway.
+const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Handoff {
+    fn serving_status(&self) -> String {
+        let inner = &self.inner;
+        let mut status = format!(
+            "Serving, generation {} (pid {})",
+            inner.generation, inner.pid
+        );
+        if let Some(failure) = &*lock(&inner.last_failure) {
+            status.push_str("; last upgrade failed: ");
+            status.push_str(failure);
+        }
+        status
+    }
+
+    /// First readiness of the service (not a successor: its parent reports it).
+    pub(crate) fn tell_ready(&self) {
+        if self.inner.mode != StartMode::Successor {
+            let status = self.serving_status();
+            self.inner
+                .upstream
+                .send(&format!("READY=1\nSTATUS={status}"));
+        }
+    }
+
+    /// An upgrade begins: `RELOADING=1` with the time, which systemd needs to
+    /// match the reply to the `SIGHUP` it sent (`Type=notify-reload`).
+    pub(crate) fn tell_upgrading(&self) {
+        let next = self.inner.generation + 1;
+        self.inner.upstream.send(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=Upgrading: starting generation {next}",
+            monotonic_usec()
+        ));
+    }
+
+    /// The successor is ready: systemd learns its PID and that the reload is
+    /// over, and this process waits until systemd has processed that
+    /// (`BARRIER=1`) so that it never sees its main process exit.
+    pub(crate) async fn tell_handover(&self, successor: u32) {
+        let upstream = &self.inner.upstream;
+        let next = self.inner.generation + 1;
+        let sent = upstream.send(&format!(
+            "MAINPID={successor}\nREADY=1\nSTATUS=Serving, generation {next} (pid {successor})"
+        ));
+        if sent && !upstream.barrier(BARRIER_TIMEOUT).await {
+            tracing::warn!(
+                pid = self.inner.pid,
+                successor,
+                "systemd did not confirm MAINPID= in time"
+            );
+        }
+    }
+
+    /// The upgrade failed: end the reload (`READY=1`; systemd has no way to
+    /// fail one) and say why in `STATUS=`.
+    pub(crate) fn tell_upgrade_failed(&self, error: &str) {
+        *lock(&self.inner.last_failure) = Some(error.to_owned());
+        let status = self.serving_status();
+        self.inner
+            .upstream
+            .send(&format!("READY=1\nSTATUS={status}"));
+    }
+
+    /// This process stops for good (not after a handover: then it is no
+    /// longer the main process and systemd ignores it).
+    pub(crate) fn tell_stopping(&self) {
+        self.inner
+            .upstream
+            .send("STOPPING=1\nSTATUS=Stopping: no longer accepting");
+    }
+
+    /// Sends any `sd_notify` lines (`WATCHDOG=1`, `STATUS=…`) to the service
+    /// manager, if there is one. Returns whether they were sent.
+    ///
+    /// ```no_run
+    /// # let handoff = handoff::Handoff::builder().build().unwrap();
+    /// handoff.notify("STATUS=Warming caches");
+    /// ```
+    pub fn notify(&self, lines: &str) -> bool {
+        self.inner.upstream.send(lines)
+    }
+
+    /// Drains `drain` as [`Drain::drain`] does, with this process's force
+    /// signal (a second `SIGTERM`), and keeps systemd informed: the drain is
+    /// announced in `STATUS=`, and `EXTEND_TIMEOUT_USEC=` asks systemd not to
+    /// kill the process before the drain deadline (a `TimeoutStopSec=`
+    /// shorter than `timeout` would otherwise cut the drain short).
+    ///
+    /// ```no_run
+    /// # async fn f(handoff: handoff::Handoff, drain: handoff::Drain) {
+    /// let report = handoff.drain(&drain, std::time::Duration::from_secs(30)).await;
+    /// println!("{} connections cut", report.cut);
+    /// # }
+    /// ```
+    pub async fn drain(&self, drain: &Drain, timeout: Duration) -> DrainReport {
+        if self.handed_over().is_none() {
+            let extend = timeout + Duration::from_secs(1);
+            self.inner.upstream.send(&format!(
+                "EXTEND_TIMEOUT_USEC={}\nSTATUS=Stopping: draining {} connections",
+                extend.as_micros(),
+                drain.active()
+            ));
+        }
+        drain.drain(timeout, self.forced()).await
+    }
+
+    /// In a successor under systemd: once the parent has exited, this process
+    /// is systemd's own child; announcing `MAINPID=` again then lets systemd
+    /// treat it as a regular main process (it does not wait for the exit of
+    /// a main process that is not its child, so `systemctl stop` would not
+    /// let it drain).
+    pub(crate) fn watch_parent(&self, parent: OwnedFd) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let handoff = self.clone();
+        runtime.spawn(async move {
+            // SAFETY: the AsyncFd owns the pidfd, so it stays open while registered.
+            let Ok(parent) = (unsafe { tokio::io::unix::AsyncFd::register(parent) }) else {
+                return;
+            };
+            if parent.readable().await.is_ok() && handoff.handed_over().is_none() {
+                let pid = handoff.inner.pid;
+                tracing::debug!(pid, "parent exited; announcing MAINPID again");
+                handoff.inner.upstream.send(&format!("MAINPID={pid}"));
+            }
+        });
+    }
+}
