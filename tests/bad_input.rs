@@ -200,11 +200,42 @@ const CASES: &[Case] = &[
     },
 ];
 
+const ACTIVATION_CASES: &[Case] = &[
+    Case {
+        env: &[("LISTEN_FDS", "40")],
+        own_listen_pid: true,
+        var: "LISTEN_FDS",
+        detail: "is not open",
+    },
+    Case {
+        env: &[("LISTEN_FDS", "2"), ("LISTEN_FDNAMES", "a:b:c")],
+        own_listen_pid: true,
+        var: "LISTEN_FDNAMES",
+        detail: "3 names but LISTEN_FDS is 2",
+    },
+    Case {
+        env: &[("LISTEN_FDS", "1"), ("LISTEN_PID", "12ab")],
+        own_listen_pid: false,
+        var: "LISTEN_PID",
+        detail: "not a decimal number",
+    },
+];
+
 #[test]
 fn garbage_in_each_handoff_variable_is_named() {
     for case in CASES {
         let output = run(
             &successor_with(case.env),
+            None,
+            case.own_listen_pid,
+            &["--listen", "127.0.0.1:0"],
+        );
+        assert_refused(&output, case.var, case.detail);
+    }
+    // Socket activation (no HANDOFF_GENERATION), as sd_listen_fds(3) reads it.
+    for case in ACTIVATION_CASES {
+        let output = run(
+            case.env,
             None,
             case.own_listen_pid,
             &["--listen", "127.0.0.1:0"],

@@ -230,6 +230,12 @@ pub struct Options<'a> {
     pub example: &'a str,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// A command that runs the server (as `WRAPPER... BINARY ARGS...`), such
+    /// as `systemd-socket-activate -l ADDR`.
+    pub wrapper: Vec<String>,
+    /// Connect here once spawned: a socket-activated server starts on the
+    /// first connection.
+    pub connect_first: Option<SocketAddr>,
 }
 
 impl<'a> Options<'a> {
@@ -238,6 +244,8 @@ impl<'a> Options<'a> {
             example,
             args: Vec::new(),
             env: Vec::new(),
+            wrapper: Vec::new(),
+            connect_first: None,
         }
     }
 
@@ -261,7 +269,14 @@ impl Server {
         let pid_file = dir.path().join("server.pid");
         let tag = format!("{}-{}", dir.path().display(), std::process::id());
         let stderr = fs::File::create(dir.path().join("stderr.log")).expect("stderr log");
-        let mut command = Command::new(&bin);
+        let mut command = match options.wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut command = Command::new(program);
+                command.args(wrapper_args).arg(&bin);
+                command
+            }
+            None => Command::new(&bin),
+        };
         command
             .args(&options.args)
             .arg("--pid-file")
@@ -287,6 +302,20 @@ impl Server {
                         Ok(line) => events.push(line),
                         Err(_) => break,
                     }
+                }
+            });
+        }
+        if let Some(addr) = options.connect_first {
+            // The connection only starts the server; retry until the wrapper
+            // listens (the answer itself is not needed).
+            std::thread::spawn(move || {
+                let deadline = Instant::now() + DEADLINE;
+                while Instant::now() < deadline {
+                    if std::net::TcpStream::connect(addr).is_ok() {
+                        let _ = http::get(addr, "/");
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
                 }
             });
         }
@@ -470,6 +499,24 @@ pub fn all_processes() -> Vec<ProcStat> {
         });
     }
     all
+}
+
+/// A free TCP port on 127.0.0.1, for tools that cannot bind port 0 and
+/// report it (`systemd-socket-activate`).
+pub fn free_port() -> SocketAddr {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a probe");
+    probe.local_addr().expect("probe address")
+}
+
+/// The socket inode an fd of `pid` refers to (`socket:[N]`), if it is a socket.
+pub fn socket_inode(pid: u32, fd: i32) -> Option<u64> {
+    let target = fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
+    let target = target.to_string_lossy();
+    target
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 /// Sends a signal; a process that is already gone is not an error.
