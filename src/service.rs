@@ -3,7 +3,6 @@
 //! to a successor, stopping, and drain-time extensions. Without a
 //! `NOTIFY_SOCKET` all of this is skipped.
 
-use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use crate::drain::{Drain, DrainReport};
@@ -118,28 +117,5 @@ impl Handoff {
             ));
         }
         drain.drain(timeout, self.forced()).await
-    }
-
-    /// In a successor under systemd: once the parent has exited, this process
-    /// is systemd's own child; announcing `MAINPID=` again then lets systemd
-    /// treat it as a regular main process (it does not wait for the exit of
-    /// a main process that is not its child, so `systemctl stop` would not
-    /// let it drain).
-    pub(crate) fn watch_parent(&self, parent: OwnedFd) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let handoff = self.clone();
-        runtime.spawn(async move {
-            // SAFETY: the AsyncFd owns the pidfd, so it stays open while registered.
-            let Ok(parent) = (unsafe { tokio::io::unix::AsyncFd::register(parent) }) else {
-                return;
-            };
-            if parent.readable().await.is_ok() && handoff.handed_over().is_none() {
-                let pid = handoff.inner.pid;
-                tracing::debug!(pid, "parent exited; announcing MAINPID again");
-                handoff.inner.upstream.send(&format!("MAINPID={pid}"));
-            }
-        });
     }
 }

@@ -258,7 +258,7 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> Result<Child, UpgradeError> {
 }
 
 /// A pidfd for `pid`: readable once the process has exited (Linux 5.3+).
-pub(crate) fn open_pidfd(pid: libc::pid_t) -> io::Result<OwnedFd> {
+fn open_pidfd(pid: libc::pid_t) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd (always
     // close-on-exec) or -1; no memory is passed.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };

@@ -3,7 +3,6 @@
 //! `ready()`.
 
 use std::ffi::OsString;
-use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -16,7 +15,6 @@ use crate::error::Error;
 use crate::fds::Registry;
 use crate::notify::{NotifyAddr, Upstream};
 use crate::pidfile::PidFile;
-use crate::spawn::open_pidfd;
 use crate::spawn::resolve_program;
 use crate::upgrade::UpgradeEvent;
 
@@ -90,11 +88,6 @@ impl Builder {
             }
         };
         let pid = std::process::id();
-        // A successor under systemd watches its parent (see `watch_parent`).
-        let parent = match (start.mode, &start.notify_upstream) {
-            (StartMode::Successor, Some(_)) => open_pidfd(nix::unistd::getppid().as_raw()).ok(),
-            _ => None,
-        };
         tracing::info!(pid, generation = start.generation, mode = ?start.mode, inherited = inherited.len(), "handoff started");
         let (events, _) = broadcast::channel(64);
         Ok(Handoff {
@@ -108,7 +101,6 @@ impl Builder {
                 pid_file: self.pid_file.map(PidFile::new),
                 upgrade_timeout: self.upgrade_timeout,
                 notify_parent: start.notify_parent,
-                parent: Mutex::new(parent),
                 upstream: Upstream::new(start.notify_upstream),
                 last_failure: Mutex::new(None),
                 registry: Mutex::new(Registry::new(inherited)),
@@ -198,8 +190,6 @@ pub(crate) struct Inner {
     pub upgrade_timeout: Duration,
     pub notify_parent: Option<NotifyAddr>,
     pub upstream: Upstream,
-    /// A successor's parent, watched so it can re-announce `MAINPID=`.
-    pub parent: Mutex<Option<OwnedFd>>,
     pub last_failure: Mutex<Option<String>>,
     pub registry: Mutex<Registry>,
     pub state: Mutex<State>,
@@ -305,9 +295,6 @@ impl Handoff {
                 })?;
         }
         self.tell_ready();
-        if let Some(parent) = lock(&inner.parent).take() {
-            self.watch_parent(parent);
-        }
         let listeners = lock(&inner.registry).len();
         tracing::info!(
             pid = inner.pid,

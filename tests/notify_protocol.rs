@@ -254,7 +254,9 @@ fn the_conversation_with_systemd_across_start_upgrade_failure_and_stop() {
     // A failed upgrade still ends the reload with READY=1; STATUS= says why.
     server.replace_binary(Some(b"#!/bin/sh\nexit 1\n"), 0o755);
     signal(second, libc::SIGHUP);
-    let reloading = manager.wait(again + 1, "RELOADING=1 (failing)", |m| m.has("RELOADING=1"));
+    let reloading = manager.wait(barrier + 1, "RELOADING=1 (failing)", |m| {
+        m.has("RELOADING=1")
+    });
     let failed = manager.wait(reloading + 1, "READY=1 after the failure", |m| {
         m.has("READY=1")
     });
