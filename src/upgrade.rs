@@ -81,7 +81,7 @@ impl Handoff {
         }
         let mut state = lock(&self.inner.state);
         match *state {
-            State::Starting => Err(UpgradeError::NotReady),
+            State::Starting | State::Readying => Err(UpgradeError::NotReady),
             State::Upgrading => Err(UpgradeError::InProgress),
             State::HandedOver { successor } => Err(UpgradeError::AlreadyUpgraded { successor }),
             State::Serving => {

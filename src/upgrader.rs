@@ -119,6 +119,8 @@ impl Builder {
 pub(crate) enum State {
     /// Not ready yet.
     Starting,
+    /// In `ready()`: telling the parent (or systemd); not upgradable yet.
+    Readying,
     /// Ready; may upgrade.
     Serving,
     /// A successor is starting.
@@ -273,8 +275,21 @@ impl Handoff {
             if *state != State::Starting {
                 return Err(Error::AlreadyReady);
             }
-            *state = State::Serving;
+            *state = State::Readying;
         }
+        let result = self.announce_ready();
+        // Only now may this process upgrade: its own parent's upgrade (if
+        // any) is over, so two upgrades are never in flight at once.
+        *lock(&inner.state) = if result.is_ok() {
+            State::Serving
+        } else {
+            State::Starting
+        };
+        result
+    }
+
+    fn announce_ready(&self) -> Result<(), Error> {
+        let inner = &self.inner;
         for name in lock(&inner.registry).close_unclaimed() {
             tracing::warn!(pid = inner.pid, listener = %name, "closing an inherited fd that was not claimed");
         }

@@ -23,6 +23,12 @@ fn activated_sockets_are_kept_through_10_upgrades_under_load() {
         "-l".into(),
         b.to_string(),
         "--fdname=http0:http1".into(),
+        // It passes only the variables named here; the harness needs its tag
+        // (to find and kill every generation) and the log level.
+        "-E".into(),
+        "TEST_SERVER_TAG".into(),
+        "-E".into(),
+        "RUST_LOG".into(),
     ];
     options.connect_first = Some(a);
     let options = options

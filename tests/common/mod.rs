@@ -345,6 +345,10 @@ impl Server {
             .wait(0, DEADLINE, "the first generation to be ready", |l| {
                 l.is("ready") && l.num("pid") == u64::from(first_pid)
             });
+        assert!(
+            server.processes().contains(&first_pid),
+            "the server lacks TEST_SERVER_TAG in its environment: cleanup could not find it"
+        );
         server
     }
 
