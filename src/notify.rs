@@ -108,7 +108,7 @@ impl Upstream {
 
     fn warn_once(&self, addr: &NotifyAddr, error: &io::Error) {
         if !self.warned.swap(true, Ordering::Relaxed) {
-            tracing::warn!(socket = %addr, %error, "cannot notify the service manager; serving goes on");
+            tracing::warn!(pid = std::process::id(), socket = %addr, %error, "cannot notify the service manager; serving goes on");
         }
     }
 

@@ -292,3 +292,41 @@ fn the_conversation_with_systemd_across_start_upgrade_failure_and_stop() {
         );
     }
 }
+
+#[test]
+fn an_unreachable_notify_socket_gives_one_warning_and_serving_goes_on() {
+    let dir = common::TempDir::new("notify-missing");
+    let missing = dir.path().join("nobody-listens-here.sock");
+    let mut options = Options::new("http_server")
+        .arg("--listen")
+        .arg("127.0.0.1:0");
+    options.env.push((
+        "NOTIFY_SOCKET".into(),
+        missing.to_string_lossy().into_owned(),
+    ));
+    let server = Server::start_with(options);
+    let first = server.first_pid;
+    // Start, an upgrade (RELOADING=1, MAINPID=, BARRIER=1) and more: all fail to send.
+    let second = server.upgrade_ok();
+    assert_eq!(
+        common::http::get(server.addr(), "/").unwrap().pid(),
+        Some(second)
+    );
+    let warnings = |pid: u32| {
+        server
+            .stderr_all()
+            .lines()
+            .filter(|l| {
+                l.contains("cannot notify the service manager")
+                    && l.contains(&format!("pid={pid} "))
+            })
+            .count()
+    };
+    assert_eq!(
+        warnings(first),
+        1,
+        "one warning from the first generation:\n{}",
+        server.stderr_tail()
+    );
+    assert_eq!(warnings(second), 0, "the successor has not tried yet");
+}
