@@ -287,6 +287,15 @@ impl Registry {
         }
     }
 
+    /// The names of the fds this process holds for handoff.
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.entries
+            .iter()
+            .filter(|e| e.fd.is_some())
+            .map(|e| e.name.clone())
+            .collect()
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.entries.iter().filter(|e| e.fd.is_some()).count()
     }

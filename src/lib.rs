@@ -52,6 +52,7 @@
 
 #![warn(missing_docs)]
 
+pub mod control;
 mod drain;
 mod env;
 mod error;

@@ -133,6 +133,9 @@ impl UpgradeTicket {
                     successor,
                     "upgrade succeeded"
                 );
+                inner
+                    .upgrades_done
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 // Before this process stops accepting and drains: systemd
                 // must know its new main process first.
                 handoff.tell_handover(*successor).await;
@@ -146,6 +149,9 @@ impl UpgradeTicket {
             Err(error) => {
                 *lock(&inner.state) = State::Serving;
                 tracing::error!(pid = inner.pid, generation = inner.generation, %error, "upgrade failed; still serving");
+                inner
+                    .upgrades_failed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 handoff.tell_upgrade_failed(&error.to_string());
                 let error = Arc::new(error.clone());
                 let _ = inner.events.send(UpgradeEvent::Failed { error });

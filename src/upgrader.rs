@@ -103,6 +103,9 @@ impl Builder {
                 notify_parent: start.notify_parent,
                 upstream: Upstream::new(start.notify_upstream),
                 last_failure: Mutex::new(None),
+                started: std::time::Instant::now(),
+                upgrades_done: Default::default(),
+                upgrades_failed: Default::default(),
                 registry: Mutex::new(Registry::new(inherited)),
                 state: Mutex::new(State::Starting),
                 stop: CancellationToken::new(),
@@ -193,6 +196,9 @@ pub(crate) struct Inner {
     pub notify_parent: Option<NotifyAddr>,
     pub upstream: Upstream,
     pub last_failure: Mutex<Option<String>>,
+    pub started: std::time::Instant,
+    pub upgrades_done: std::sync::atomic::AtomicU64,
+    pub upgrades_failed: std::sync::atomic::AtomicU64,
     pub registry: Mutex<Registry>,
     pub state: Mutex<State>,
     pub stop: CancellationToken,
@@ -395,6 +401,44 @@ impl Handoff {
     pub fn force_stop(&self) {
         self.request_stop(StopReason::Requested);
         self.inner.force.cancel();
+    }
+
+    /// This process's state, as `handoff status` shows it. `drain`, if given,
+    /// supplies the number of open connections.
+    ///
+    /// ```no_run
+    /// # let handoff = handoff::Handoff::builder().build().unwrap();
+    /// let status = handoff.status(None);
+    /// println!("{} upgrades done", status.upgrades_done);
+    /// ```
+    pub fn status(&self, drain: Option<&crate::Drain>) -> crate::control::Status {
+        use crate::control::{Generation, GenerationState};
+        use std::sync::atomic::Ordering;
+        let inner = &self.inner;
+        let state = match *lock(&inner.state) {
+            State::Starting | State::Readying => GenerationState::Starting,
+            State::Serving | State::Upgrading => GenerationState::Serving,
+            State::HandedOver { .. } => GenerationState::Draining,
+        };
+        let state = if self.is_stopping() {
+            GenerationState::Draining
+        } else {
+            state
+        };
+        crate::control::Status {
+            pid: inner.pid,
+            generations: vec![Generation {
+                pid: inner.pid,
+                generation: inner.generation,
+                state,
+                age_secs: inner.started.elapsed().as_secs_f64(),
+                connections: drain.map(crate::Drain::active),
+                listeners: lock(&inner.registry).names(),
+            }],
+            upgrades_done: inner.upgrades_done.load(Ordering::Relaxed),
+            upgrades_failed: inner.upgrades_failed.load(Ordering::Relaxed),
+            last_failure: lock(&inner.last_failure).clone(),
+        }
     }
 
     pub(crate) fn handed_over(&self) -> Option<u32> {

@@ -28,6 +28,9 @@ pub struct Flags {
     /// Seconds open connections get to finish when stopping; then they are cut.
     #[arg(long, value_name = "SECS", default_value = "30", value_parser = secs)]
     pub drain_timeout: Duration,
+    /// Serve the control protocol here, for `handoff upgrade` and `handoff status`.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 }
 
 /// Prints one event line on stdout. Errors (a closed stdout) are ignored:
@@ -78,13 +81,7 @@ where
     // Before the runtime starts: this reads and scrubs the environment.
     let result = builder.build().map_err(Into::into).and_then(|handoff| {
         let runtime = tokio::runtime::Runtime::new()?;
-        runtime.block_on(lifecycle(
-            name,
-            handoff,
-            listen,
-            flags.drain_timeout,
-            make_serve,
-        ))
+        runtime.block_on(lifecycle(name, handoff, listen, &flags, make_serve))
     });
     result.unwrap_or_else(|error| {
         eprintln!("{name}: {error}");
@@ -96,7 +93,7 @@ async fn lifecycle<S, F>(
     name: &'static str,
     handoff: Handoff,
     listen: Vec<SocketAddr>,
-    drain_timeout: Duration,
+    flags: &Flags,
     make_serve: impl FnOnce(&Handoff, &Drain) -> S,
 ) -> Result<ExitCode, Box<dyn std::error::Error>>
 where
@@ -123,6 +120,9 @@ where
         "listening pid={pid} generation={generation} addrs={}",
         addrs.join(",")
     ));
+    if let Some(path) = &flags.control {
+        handoff.serve_control(path, Some(drain.clone()))?;
+    }
     handoff.ready()?;
     say(format_args!("ready pid={pid} generation={generation}"));
 
@@ -135,7 +135,7 @@ where
         reason.to_string(),
         drain.active()
     ));
-    let report = handoff.drain(&drain, drain_timeout).await;
+    let report = handoff.drain(&drain, flags.drain_timeout).await;
     reporter.finish().await;
     say(format_args!(
         "exit pid={pid} generation={generation} cut={} waited_ms={}",
