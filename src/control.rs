@@ -244,10 +244,10 @@ pub(crate) async fn serve(
 
 async fn answer(mut stream: UnixStream, handler: Handler) {
     let response = match check_peer(&stream) {
-        Err(refusal) => refusal,
+        Err(refusal) => Response::error(refusal),
         Ok(()) => match read_request(&mut stream).await {
             Ok(request) => handler(request.command).await,
-            Err(refusal) => refusal,
+            Err(refusal) => Response::error(refusal),
         },
     };
     if !response.ok {
@@ -276,21 +276,21 @@ async fn answer(mut stream: UnixStream, handler: Handler) {
     .await;
 }
 
-fn check_peer(stream: &UnixStream) -> Result<(), Response> {
+/// The peer must run as this process's user; else the reason it may not.
+fn check_peer(stream: &UnixStream) -> Result<(), String> {
     let me = nix::unistd::geteuid().as_raw();
     match stream.peer_cred() {
         Ok(cred) if cred.uid() == me => Ok(()),
-        Ok(cred) => Err(Response::error(format!(
+        Ok(cred) => Err(format!(
             "refused: uid {} may not control this service (only uid {me})",
             cred.uid()
-        ))),
-        Err(e) => Err(Response::error(format!(
-            "refused: cannot read the peer's credentials: {e}"
-        ))),
+        )),
+        Err(e) => Err(format!("refused: cannot read the peer's credentials: {e}")),
     }
 }
 
-async fn read_request(stream: &mut UnixStream) -> Result<Request, Response> {
+/// Reads one request line; else the reason it is refused.
+async fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
     let mut buf = Vec::with_capacity(256);
     let read = tokio::time::timeout(REQUEST_TIMEOUT, async {
         let mut chunk = [0u8; 1024];
@@ -300,41 +300,35 @@ async fn read_request(stream: &mut UnixStream) -> Result<Request, Response> {
                 return Ok(());
             }
             if buf.len() >= MAX_REQUEST {
-                return Err(Response::error(format!(
-                    "request larger than {MAX_REQUEST} bytes"
-                )));
+                return Err(format!("request larger than {MAX_REQUEST} bytes"));
             }
             match stream.read(&mut chunk).await {
                 Ok(0) => {
-                    return Err(Response::error(
-                        "incomplete request: the connection closed before a newline",
-                    ))
+                    return Err(
+                        "incomplete request: the connection closed before a newline".to_owned()
+                    )
                 }
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e) => return Err(Response::error(format!("cannot read the request: {e}"))),
+                Err(e) => return Err(format!("cannot read the request: {e}")),
             }
         }
     })
     .await
-    .map_err(|_| {
-        Response::error(format!(
-            "incomplete request: no newline within {REQUEST_TIMEOUT:?}"
-        ))
-    })?;
+    .map_err(|_| format!("incomplete request: no newline within {REQUEST_TIMEOUT:?}"))?;
     read?;
     // Check the version before the rest, so a newer client hears why.
-    let value: serde_json::Value = serde_json::from_slice(&buf)
-        .map_err(|e| Response::error(format!("malformed request: {e}")))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&buf).map_err(|e| format!("malformed request: {e}"))?;
     match value.get("version").and_then(serde_json::Value::as_u64) {
         Some(v) if v == u64::from(PROTOCOL_VERSION) => {}
         Some(v) => {
-            return Err(Response::error(format!(
+            return Err(format!(
                 "unsupported protocol version {v} (this server speaks {PROTOCOL_VERSION})"
-            )))
+            ))
         }
-        None => return Err(Response::error("malformed request: no \"version\" number")),
+        None => return Err("malformed request: no \"version\" number".to_owned()),
     }
-    serde_json::from_value(value).map_err(|e| Response::error(format!("malformed request: {e}")))
+    serde_json::from_value(value).map_err(|e| format!("malformed request: {e}"))
 }
 
 /// Sends `command` to the control socket at `path` and waits, at most
@@ -374,6 +368,54 @@ pub async fn request(path: &Path, command: Command, timeout: Duration) -> io::Re
             format!("no answer within {timeout:?}"),
         )
     })?
+}
+
+/// The name under which a library-based server keeps its control socket, so
+/// every generation serves on the same one.
+pub const CONTROL_FD_NAME: &str = "handoff-control";
+
+impl crate::Handoff {
+    /// Serves the control protocol on a Unix socket at `path` (see the
+    /// [module docs](self)), so `handoff upgrade` and `handoff status` work
+    /// against this server. `drain`, if given, supplies the connection count
+    /// for `status`. The socket is handed to successors like a listener: call
+    /// this before [`ready`](crate::Handoff::ready). It stops answering when
+    /// this process stops accepting; its successor answers from then on.
+    ///
+    /// ```no_run
+    /// # async fn f(handoff: handoff::Handoff, drain: handoff::Drain) -> Result<(), handoff::Error> {
+    /// handoff.serve_control("/run/myserver/control.sock", Some(drain.clone()))?;
+    /// handoff.ready()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn serve_control(
+        &self,
+        path: impl AsRef<Path>,
+        drain: Option<crate::Drain>,
+    ) -> Result<tokio::task::JoinHandle<()>, crate::Error> {
+        let path = path.as_ref();
+        let context = || format!("cannot serve the control socket {}", path.display());
+        prepare_dir(path).map_err(|e| crate::Error::io(context(), e))?;
+        let listener = self.unix_listener(CONTROL_FD_NAME, path)?;
+        restrict(path).map_err(|e| crate::Error::io(context(), e))?;
+        let handoff = self.clone();
+        let handler: Handler = Arc::new(move |command| {
+            let (handoff, drain) = (handoff.clone(), drain.clone());
+            Box::pin(async move {
+                match command {
+                    Command::Upgrade => match handoff.upgrade().await {
+                        Ok(pid) => Response::upgraded(pid, handoff.generation() + 1),
+                        Err(error) => Response::error(error.to_string()),
+                    },
+                    Command::Status => Response::status(handoff.status(drain.as_ref())),
+                }
+            })
+        });
+        let stopping = self.clone();
+        Ok(tokio::spawn(serve(listener, handler, async move {
+            stopping.stopping().await;
+        })))
+    }
 }
 
 #[cfg(test)]
@@ -455,53 +497,5 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
         server.abort();
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-}
-
-/// The name under which a library-based server keeps its control socket, so
-/// every generation serves on the same one.
-pub const CONTROL_FD_NAME: &str = "handoff-control";
-
-impl crate::Handoff {
-    /// Serves the control protocol on a Unix socket at `path` (see the
-    /// [module docs](self)), so `handoff upgrade` and `handoff status` work
-    /// against this server. `drain`, if given, supplies the connection count
-    /// for `status`. The socket is handed to successors like a listener: call
-    /// this before [`ready`](crate::Handoff::ready). It stops answering when
-    /// this process stops accepting; its successor answers from then on.
-    ///
-    /// ```no_run
-    /// # async fn f(handoff: handoff::Handoff, drain: handoff::Drain) -> Result<(), handoff::Error> {
-    /// handoff.serve_control("/run/myserver/control.sock", Some(drain.clone()))?;
-    /// handoff.ready()?;
-    /// # Ok(()) }
-    /// ```
-    pub fn serve_control(
-        &self,
-        path: impl AsRef<Path>,
-        drain: Option<crate::Drain>,
-    ) -> Result<tokio::task::JoinHandle<()>, crate::Error> {
-        let path = path.as_ref();
-        let context = || format!("cannot serve the control socket {}", path.display());
-        prepare_dir(path).map_err(|e| crate::Error::io(context(), e))?;
-        let listener = self.unix_listener(CONTROL_FD_NAME, path)?;
-        restrict(path).map_err(|e| crate::Error::io(context(), e))?;
-        let handoff = self.clone();
-        let handler: Handler = Arc::new(move |command| {
-            let (handoff, drain) = (handoff.clone(), drain.clone());
-            Box::pin(async move {
-                match command {
-                    Command::Upgrade => match handoff.upgrade().await {
-                        Ok(pid) => Response::upgraded(pid, handoff.generation() + 1),
-                        Err(error) => Response::error(error.to_string()),
-                    },
-                    Command::Status => Response::status(handoff.status(drain.as_ref())),
-                }
-            })
-        });
-        let stopping = self.clone();
-        Ok(tokio::spawn(serve(listener, handler, async move {
-            stopping.stopping().await;
-        })))
     }
 }
