@@ -214,11 +214,6 @@ pub(crate) fn prepare_dir(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Restricts a freshly bound socket file to its owner.
-pub(crate) fn restrict(path: &Path) -> io::Result<()> {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-}
-
 /// Accepts control connections until `stop` resolves.
 pub(crate) async fn serve(
     listener: UnixListener,
@@ -396,8 +391,12 @@ impl crate::Handoff {
         let path = path.as_ref();
         let context = || format!("cannot serve the control socket {}", path.display());
         prepare_dir(path).map_err(|e| crate::Error::io(context(), e))?;
-        let listener = self.unix_listener(CONTROL_FD_NAME, path)?;
-        restrict(path).map_err(|e| crate::Error::io(context(), e))?;
+        let listener = self.unix_listener_with_mode(CONTROL_FD_NAME, path, Some(0o600))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| crate::Error::io(context(), e))?;
+        let listener =
+            UnixListener::from_std(listener).map_err(|e| crate::Error::io(context(), e))?;
         let handoff = self.clone();
         let handler: Handler = Arc::new(move |command| {
             let (handoff, drain) = (handoff.clone(), drain.clone());
@@ -445,7 +444,7 @@ mod tests {
         prepare_dir(&dir.join("c.sock")).unwrap();
         let path = dir.join("c.sock");
         let listener = UnixListener::bind(&path).unwrap();
-        restrict(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let handler: Handler = Arc::new(|command| {
             Box::pin(async move {
                 match command {

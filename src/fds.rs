@@ -443,10 +443,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("handoff-fds-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("s.sock");
-        let (fd, bound) = bind_unix(&path, nix::sys::socket::SockType::Stream).unwrap();
+        let (fd, bound) = bind_unix(&path, nix::sys::socket::SockType::Stream, None).unwrap();
         // A stale socket file (nobody listening) is replaced on the next bind.
         drop(fd);
-        let (_fd, rebound) = bind_unix(&path, nix::sys::socket::SockType::Stream).unwrap();
+        let (_fd, rebound) = bind_unix(&path, nix::sys::socket::SockType::Stream, None).unwrap();
         // The first binding's record no longer matches the file: left alone.
         bound.unlink_if_ours();
         assert!(path.exists());

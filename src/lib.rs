@@ -60,10 +60,12 @@ mod fds;
 mod listen;
 mod notify;
 mod pidfile;
+mod readiness;
 mod service;
 mod signals;
 mod socket;
 mod spawn;
+pub mod supervisor;
 mod upgrade;
 mod upgrader;
 

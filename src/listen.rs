@@ -120,12 +120,22 @@ impl Handoff {
         name: &str,
         path: impl AsRef<Path>,
     ) -> Result<std::os::unix::net::UnixListener, Error> {
-        let path = path.as_ref();
+        self.unix_listener_with_mode(name, path.as_ref(), None)
+    }
+
+    /// As [`std_unix_listener`](Self::std_unix_listener), with the socket
+    /// file's mode set when it is bound.
+    pub(crate) fn unix_listener_with_mode(
+        &self,
+        name: &str,
+        path: &Path,
+        mode: Option<u32>,
+    ) -> Result<std::os::unix::net::UnixListener, Error> {
         let fd = self.claim_socket(
             name,
             FdKind::UnixListener,
             LocalAddr::Unix(path.to_path_buf()),
-            || bind_unix(path, SockType::Stream).map(|(fd, bound)| (fd, Some(bound))),
+            || bind_unix(path, SockType::Stream, mode).map(|(fd, bound)| (fd, Some(bound))),
         )?;
         Ok(fd.into())
     }
@@ -163,7 +173,7 @@ impl Handoff {
             name,
             FdKind::UnixDatagram,
             LocalAddr::Unix(path.to_path_buf()),
-            || bind_unix(path, SockType::Datagram).map(|(fd, bound)| (fd, Some(bound))),
+            || bind_unix(path, SockType::Datagram, None).map(|(fd, bound)| (fd, Some(bound))),
         )?;
         Ok(fd.into())
     }

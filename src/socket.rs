@@ -297,10 +297,24 @@ fn remove_stale(path: &Path) {
 }
 
 /// Binds a Unix socket of `ty` at `path`, listening if it is a stream socket.
-pub(crate) fn bind_unix(path: &Path, ty: SockType) -> io::Result<(OwnedFd, BoundPath)> {
+/// `mode`, if given, is set on the path before its identity is recorded
+/// (changing it later would change the ctime that identifies it).
+pub(crate) fn bind_unix(
+    path: &Path,
+    ty: SockType,
+    mode: Option<u32>,
+) -> io::Result<(OwnedFd, BoundPath)> {
     remove_stale(path);
     let fd = socket(AddressFamily::Unix, ty, SockFlag::SOCK_CLOEXEC, None)?;
     bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    if let Some(mode) = mode {
+        if let Err(e) =
+            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+        {
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
+    }
     let bound = BoundPath::record(path)?;
     if ty == SockType::Stream {
         if let Err(e) = listen(&fd, Backlog::MAXCONN) {

@@ -35,6 +35,9 @@ pub(crate) struct SpawnSpec<'a> {
     pub fds: Vec<(&'a str, BorrowedFd<'a>)>,
     /// Variables to add to (or replace in) this process's environment.
     pub env: Vec<(&'static str, OsString)>,
+    /// Start with `SIGHUP` ignored (a handoff successor installs its own
+    /// handler; an arbitrary program under the supervisor must not).
+    pub ignore_sighup: bool,
 }
 
 /// A started successor. Dropping it without [`Child::disown`] kills its
@@ -72,6 +75,7 @@ struct Prepared {
     envp: Vec<*const libc::c_char>,
     sources: Vec<RawFd>,
     scratch: Vec<RawFd>,
+    ignore_sighup: bool,
 }
 
 fn prepare(spec: &SpawnSpec<'_>) -> io::Result<Prepared> {
@@ -123,6 +127,7 @@ fn prepare(spec: &SpawnSpec<'_>) -> io::Result<Prepared> {
         envp,
         sources,
         scratch,
+        ignore_sighup: spec.ignore_sighup,
     })
 }
 
@@ -157,7 +162,9 @@ unsafe fn exec_child(p: &mut Prepared, err_fd: RawFd) -> ! {
     libc::sigemptyset(&mut set);
     libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
     libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    if p.ignore_sighup {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
 
     if count > 0 {
         // LISTEN_PID: this process's PID, written into the pre-built entry.
@@ -322,6 +329,15 @@ impl Child {
         let status = self.reap_now();
         std::mem::forget(self);
         status
+    }
+
+    /// Hands the child over to a caller that reaps with `waitpid(-1)` itself
+    /// (the supervisor): nothing here will wait for it or kill it.
+    pub(crate) fn into_pid(mut self) -> u32 {
+        self.pidfd = None;
+        let pid = self.pid();
+        std::mem::forget(self);
+        pid
     }
 
     /// Lets the child run on; a background task reaps it whenever it exits, so

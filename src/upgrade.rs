@@ -207,6 +207,7 @@ async fn attempt(handoff: &Handoff) -> Result<u32, UpgradeError> {
             cwd: &inner.cwd,
             fds: registry.handoff_fds(),
             env,
+            ignore_sighup: true,
         })?
     };
     let pid = child.pid();

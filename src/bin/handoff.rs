@@ -1,12 +1,15 @@
-//! The `handoff` command: upgrade a running server and read its state over
-//! its control socket.
+//! The `handoff` command: supervise a server in any language (`run`),
+//! upgrade a running server and read its state over its control socket.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use handoff::control::{request, Command, GenerationState, Response, Status};
+use handoff::supervisor::{self, parse_duration, Listen, Ready};
+use nix::sys::signal::Signal;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -26,6 +29,52 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Sub {
+    /// Run a server and keep it up, upgrading it in place on SIGHUP.
+    ///
+    /// `handoff run` owns the listening sockets and keeps one PID for the
+    /// server's whole life (safe as PID 1 in a container, and as systemd's
+    /// main process). It starts CMD with the sockets at fd 3, 4, … and
+    /// LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID and NOTIFY_SOCKET set, as
+    /// systemd socket activation does, so any server that supports socket
+    /// activation works unchanged.
+    ///
+    /// SIGHUP (or `handoff upgrade`) starts a new CMD with the same sockets,
+    /// waits until it is ready, then sends the old one the stop signal. A new
+    /// process that fails is killed and the old one keeps serving. A process
+    /// that dies is restarted (with backoff) while the sockets stay open, so
+    /// clients wait instead of being refused. SIGTERM/SIGINT stop every child
+    /// and exit with the serving child's status.
+    ///
+    /// Example: handoff run --listen web=tcp://127.0.0.1:8080 --control /run/app/control.sock -- ./server
+    Run {
+        /// A socket to own, as NAME=ADDR; ADDR is tcp://HOST:PORT,
+        /// udp://HOST:PORT or unix:///PATH. A socket systemd passed under
+        /// NAME is reused. Repeat for several.
+        #[arg(long = "listen", value_name = "NAME=ADDR", value_parser = Listen::parse, required = true)]
+        listen: Vec<(String, Listen)>,
+        /// When a new child counts as ready: notify (it sends READY=1 to
+        /// NOTIFY_SOCKET), delay=DUR, or http=URL (polled until it answers 2xx).
+        #[arg(long, value_name = "MODE", default_value = "notify")]
+        ready: Ready,
+        /// How long a new child has to get ready.
+        #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_duration)]
+        upgrade_timeout: Duration,
+        /// How long a stopping child has to finish before it is killed.
+        #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
+        drain_timeout: Duration,
+        /// Write the supervisor's PID here (it never changes).
+        #[arg(long, value_name = "PATH")]
+        pid_file: Option<PathBuf>,
+        /// Serve the control socket here, for `handoff upgrade` and `handoff status`.
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+        /// The signal that asks a child to finish and exit.
+        #[arg(long, value_name = "SIG", default_value = "SIGTERM", value_parser = parse_signal)]
+        stop_signal: Signal,
+        /// The server to run, and its arguments (after --).
+        #[arg(required = true, last = true, value_name = "CMD")]
+        command: Vec<OsString>,
+    },
     /// Upgrade the server now and wait for the outcome.
     ///
     /// Prints the PID of the new process and exits 0 once it serves; prints
@@ -37,7 +86,7 @@ enum Sub {
         #[arg(long, value_name = "PATH")]
         control: PathBuf,
         /// Give up waiting after this long (e.g. 90s, 2m).
-        #[arg(long, value_name = "DUR", default_value = "120s", value_parser = duration)]
+        #[arg(long, value_name = "DUR", default_value = "120s", value_parser = parse_duration)]
         timeout: Duration,
     },
     /// Show the server's processes, their state and the upgrade history.
@@ -49,21 +98,55 @@ enum Sub {
         #[arg(long)]
         json: bool,
         /// Give up waiting after this long.
-        #[arg(long, value_name = "DUR", default_value = "10s", value_parser = duration)]
+        #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
         timeout: Duration,
     },
 }
 
-/// A duration such as `30s`, `500ms` or `2m`; a bare number is seconds.
-fn duration(text: &str) -> Result<Duration, String> {
-    if let Ok(secs) = text.parse::<f64>() {
-        return Duration::try_from_secs_f64(secs).map_err(|e| format!("{text:?}: {e}"));
+/// `SIGTERM`, `TERM` or `15`.
+fn parse_signal(text: &str) -> Result<Signal, String> {
+    if let Ok(number) = text.parse::<i32>() {
+        return Signal::try_from(number).map_err(|_| format!("{text}: no such signal"));
     }
-    humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e} (try 30s, 500ms, 2m)"))
+    let name = if text.starts_with("SIG") {
+        text.to_owned()
+    } else {
+        format!("SIG{text}")
+    };
+    name.parse().map_err(|_| format!("{text}: no such signal"))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    if let Sub::Run {
+        listen,
+        ready,
+        upgrade_timeout,
+        drain_timeout,
+        pid_file,
+        control,
+        stop_signal,
+        command,
+    } = cli.command
+    {
+        let config = supervisor::Config {
+            listen,
+            ready,
+            upgrade_timeout,
+            drain_timeout,
+            control,
+            stop_signal,
+            command,
+        };
+        return run(pid_file, config);
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -75,6 +158,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Sub::Run { .. } => unreachable!("handled above"),
         Sub::Upgrade { control, timeout } => {
             let answer = runtime.block_on(request(&control, Command::Upgrade, timeout));
             report(answer, &control, |response| match &response.upgraded {
@@ -105,6 +189,38 @@ fn main() -> ExitCode {
                 }
                 None => false,
             })
+        }
+    }
+}
+
+/// `handoff run`: the environment is read before any thread starts.
+fn run(pid_file: Option<PathBuf>, config: supervisor::Config) -> ExitCode {
+    let mut builder = handoff::Handoff::builder();
+    if let Some(path) = pid_file {
+        builder = builder.pid_file(path);
+    }
+    let handoff = match builder.build() {
+        Ok(handoff) => handoff,
+        Err(error) => {
+            eprintln!("handoff run: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("handoff run: cannot start the runtime: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(supervisor::run(handoff, config)) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(error) => {
+            eprintln!("handoff run: {error}");
+            ExitCode::from(2)
         }
     }
 }

@@ -1,0 +1,145 @@
+//! How the supervisor knows a child serves: `READY=1` over its notify
+//! socket (from that very PID), a fixed delay, or an HTTP URL answering 2xx.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::notify::NotifyListener;
+
+/// A readiness check for children of `handoff run`.
+///
+/// ```
+/// use handoff::supervisor::Ready;
+/// assert_eq!("notify".parse::<Ready>().unwrap(), Ready::Notify);
+/// assert!("http=http://127.0.0.1:8080/healthz".parse::<Ready>().is_ok());
+/// assert!("delay=2s".parse::<Ready>().is_ok());
+/// assert!("soon".parse::<Ready>().is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ready {
+    /// The child sends `READY=1` to `NOTIFY_SOCKET` (`sd_notify`).
+    Notify,
+    /// The child counts as ready this long after it started.
+    Delay(Duration),
+    /// The child counts as ready once `GET` on this URL answers 2xx.
+    Http {
+        /// `host:port` to connect to.
+        authority: String,
+        /// The path to request.
+        path: String,
+    },
+}
+
+impl FromStr for Ready {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text == "notify" {
+            return Ok(Ready::Notify);
+        }
+        if let Some(delay) = text.strip_prefix("delay=") {
+            return parse_duration(delay).map(Ready::Delay);
+        }
+        if let Some(url) = text.strip_prefix("http=") {
+            let rest = url
+                .strip_prefix("http://")
+                .ok_or_else(|| format!("{url:?}: only http:// URLs can be polled"))?;
+            let (authority, path) = match rest.find('/') {
+                Some(i) => (&rest[..i], &rest[i..]),
+                None => (rest, "/"),
+            };
+            if authority.is_empty() || !authority.contains(':') {
+                return Err(format!("{url:?}: expected http://HOST:PORT/PATH"));
+            }
+            return Ok(Ready::Http {
+                authority: authority.to_owned(),
+                path: path.to_owned(),
+            });
+        }
+        Err(format!(
+            "{text:?}: expected notify, delay=DURATION or http=URL"
+        ))
+    }
+}
+
+/// A duration such as `30s`, `500ms`, `2m`; a bare number is seconds.
+///
+/// ```
+/// use std::time::Duration;
+/// assert_eq!(handoff::supervisor::parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+/// assert_eq!(handoff::supervisor::parse_duration("250ms"), Ok(Duration::from_millis(250)));
+/// assert!(handoff::supervisor::parse_duration("soon").is_err());
+/// ```
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    if let Ok(secs) = text.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs).map_err(|e| format!("{text:?}: {e}"));
+    }
+    let (number, unit) = text.split_at(
+        text.find(|c: char| c.is_ascii_alphabetic())
+            .unwrap_or(text.len()),
+    );
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a duration such as 30s, 500ms or 2m"))?;
+    let scale = match unit {
+        "ms" => 0.001,
+        "s" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use ms, s, m or h)"
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(number * scale).map_err(|e| format!("{text:?}: {e}"))
+}
+
+impl Ready {
+    /// Resolves once the child `pid` is ready by this check. Never fails by
+    /// itself; the caller bounds it with the upgrade timeout and the child's exit.
+    pub(crate) async fn wait(&self, pid: u32, notify: &NotifyListener) {
+        match self {
+            Ready::Notify => loop {
+                match notify.recv().await {
+                    Ok(message) if message.pid == Some(pid) && message.has("READY=1") => return,
+                    Ok(message) => {
+                        tracing::debug!(sender = ?message.pid, child = pid, text = %message.text, "notify message")
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "notify socket");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            },
+            Ready::Delay(delay) => tokio::time::sleep(*delay).await,
+            Ready::Http { authority, path } => loop {
+                if http_ok(authority, path).await {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            },
+        }
+    }
+}
+
+/// One `GET`; true on a 2xx status line.
+async fn http_ok(authority: &str, path: &str) -> bool {
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(authority).await.ok()?;
+        let request =
+            format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.ok()?;
+        let status = std::str::from_utf8(&head[9..12]).ok()?;
+        Some(status.starts_with('2'))
+    };
+    tokio::time::timeout(Duration::from_secs(2), attempt)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
