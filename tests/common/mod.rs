@@ -605,6 +605,36 @@ pub fn wait_exit(pid: u32, timeout: Duration) -> Option<Option<i32>> {
     }
 }
 
+/// A unique tag for processes a test starts itself: set `TEST_SERVER_TAG`
+/// to [`value`](Tagged::value) in their environment; every process carrying
+/// it (and everything they started) is killed and reaped on drop.
+pub struct Tagged(String);
+
+impl Tagged {
+    pub fn new(label: &str) -> Self {
+        Tagged(format!(
+            "{label}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+
+    pub fn value(&self) -> &str {
+        &self.0
+    }
+
+    /// Live processes carrying the tag.
+    pub fn processes(&self) -> Vec<u32> {
+        tagged_processes(&self.0)
+    }
+}
+
+impl Drop for Tagged {
+    fn drop(&mut self) {
+        kill_tagged(&self.0);
+    }
+}
+
 /// SIGKILLs every tagged process and reaps those that become ours.
 fn kill_tagged(tag: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);

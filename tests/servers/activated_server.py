@@ -71,7 +71,10 @@ def main():
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     notify("READY=1")
-    draining.wait()
+    # Wake up now and then: the kernel may deliver SIGTERM to another thread,
+    # and CPython runs the handler only when the main thread runs.
+    while not draining.wait(0.1):
+        pass
     server.shutdown()
     sock.close()
     while True:

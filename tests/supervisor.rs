@@ -1,0 +1,302 @@
+//! `handoff run` with a server written in Python (tests/servers/activated_server.py)
+//! that knows nothing of handoff, only systemd socket activation and sd_notify.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::http::get;
+use common::load::Load;
+use common::{become_subreaper, free_port, wait_exit, Tagged, TempDir, DEADLINE};
+
+fn handoff(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_handoff"))
+        .args(args)
+        .output()
+        .expect("run handoff")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `handoff run` supervising the Python server through a launcher script
+/// (which a test may replace, as a deploy replaces a binary).
+struct Supervised {
+    dir: TempDir,
+    addr: SocketAddr,
+    control: String,
+    launcher: PathBuf,
+    supervisor: Child,
+    tag: Tagged,
+}
+
+fn python_server() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/servers/activated_server.py")
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn write_launcher(path: &Path, body: &str) {
+    let _ = std::fs::remove_file(path);
+    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
+impl Supervised {
+    fn start(extra: &[&str], wrapper: &[&str]) -> Supervised {
+        become_subreaper();
+        let dir = TempDir::new("supervisor");
+        let addr = free_port();
+        let control = dir
+            .path()
+            .join("run/control.sock")
+            .to_string_lossy()
+            .into_owned();
+        let launcher = dir.path().join("server.sh");
+        write_launcher(
+            &launcher,
+            &format!("exec /usr/bin/python3 {}", python_server()),
+        );
+        let tag = Tagged::new("supervisor");
+        let listen = format!("web=tcp://{addr}");
+        let mut args: Vec<&str> = wrapper.to_vec();
+        args.extend([
+            env!("CARGO_BIN_EXE_handoff"),
+            "run",
+            "--listen",
+            &listen,
+            "--control",
+            &control,
+        ]);
+        args.extend_from_slice(extra);
+        let launcher_arg = launcher.to_string_lossy().into_owned();
+        args.extend(["--", &launcher_arg]);
+        let stderr = std::fs::File::create(dir.path().join("supervisor.log")).unwrap();
+        let supervisor = Command::new(args[0])
+            .args(&args[1..])
+            .env("TEST_SERVER_TAG", tag.value())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start handoff run");
+        let supervised = Supervised {
+            dir,
+            addr,
+            control,
+            launcher,
+            supervisor,
+            tag,
+        };
+        supervised.wait_serving();
+        supervised
+    }
+
+    /// Waits until a request succeeds (the first child is ready).
+    fn wait_serving(&self) -> u32 {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Ok(response) = get(self.addr, "/") {
+                return response.pid().expect("pid in the body");
+            }
+            assert!(Instant::now() < deadline, "never served:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn upgrade(&self) -> Output {
+        handoff(&["upgrade", "--control", &self.control, "--timeout", "30s"])
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("supervisor.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- supervisor log ---\n{}", self.log());
+        }
+        let _ = self.supervisor.kill();
+        let _ = self.supervisor.wait();
+    }
+}
+
+#[test]
+fn a_python_server_upgrades_10_times_under_load() {
+    let sup = Supervised::start(&[], &[]);
+    let load = Load::start(sup.addr, 2, 2);
+    load.wait_for_more(50);
+    let mut pids = vec![sup.wait_serving()];
+    for _ in 0..10 {
+        let out = sup.upgrade();
+        assert!(
+            out.status.success(),
+            "handoff upgrade: {}",
+            text(&out.stderr)
+        );
+        let pid: u32 = text(&out.stdout).trim().parse().expect("the new PID");
+        assert!(!pids.contains(&pid));
+        // The old child stops accepting once it has handled its stop signal;
+        // from then on new connections reach the new child only.
+        let deadline = Instant::now() + DEADLINE;
+        while get(sup.addr, "/").unwrap().pid() != Some(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "new connections never reached {pid}"
+            );
+        }
+        pids.push(pid);
+        load.wait_for_more(50);
+    }
+    let stats = load.stop();
+    println!(
+        "python under handoff run: {} ok, {} failed, {} retries",
+        stats.ok, stats.failed, stats.retries
+    );
+    assert_eq!(stats.failed, 0, "{:?}", stats.errors);
+    // Every old child drains and exits (the supervisor reaps it); the
+    // supervisor keeps its PID.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let alive = sup.tag.processes();
+        let old: Vec<&u32> = pids[..pids.len() - 1]
+            .iter()
+            .filter(|p| alive.contains(p))
+            .collect();
+        if old.is_empty() {
+            assert!(alive.contains(&sup.supervisor.id()));
+            break;
+        }
+        assert!(Instant::now() < deadline, "old children still run: {old:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_failing_new_child_is_reported_and_the_old_one_keeps_serving() {
+    let sup = Supervised::start(&["--upgrade-timeout", "2s"], &[]);
+    let serving = sup.wait_serving();
+    let load = Load::start(sup.addr, 2, 2);
+    load.wait_for_more(50);
+    for (body, expected) in [
+        (Some("exit 3"), "exited with status 3"),
+        (Some("exec sleep 300"), "was not ready within 2s"),
+        (None, "does not exist"),
+    ] {
+        match body {
+            Some(body) => write_launcher(&sup.launcher, body),
+            None => std::fs::remove_file(&sup.launcher).unwrap(),
+        }
+        let out = sup.upgrade();
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains(expected),
+            "{}",
+            text(&out.stderr)
+        );
+        assert_eq!(
+            get(sup.addr, "/").unwrap().pid(),
+            Some(serving),
+            "the old child serves"
+        );
+        load.wait_for_more(50);
+    }
+    let stats = load.stop();
+    assert_eq!(stats.failed, 0, "{:?}", stats.errors);
+    // Nothing of the failed children is left: the supervisor and the serving child only.
+    let mut alive = sup.tag.processes();
+    alive.sort();
+    let mut expected = vec![sup.supervisor.id(), serving];
+    expected.sort();
+    assert_eq!(alive, expected);
+    let status = handoff(&["status", "--control", &sup.control, "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["upgrades_failed"], 3);
+}
+
+#[test]
+fn a_killed_child_is_restarted_and_clients_are_never_refused() {
+    let sup = Supervised::start(&[], &[]);
+    let first = sup.wait_serving();
+    let load = Load::start(sup.addr, 2, 2);
+    load.wait_for_more(50);
+    common::signal(first, libc::SIGKILL);
+    // Requests keep being answered, by a new child.
+    let deadline = Instant::now() + DEADLINE;
+    let second = loop {
+        let pid = get(sup.addr, "/").expect("served while restarting").pid();
+        if pid != Some(first) {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "no restart:\n{}", sup.log());
+    };
+    load.wait_for_more(50);
+    let stats = load.stop();
+    println!(
+        "SIGKILL under load: {} ok, {} failed (connections the killed child held), restarted as {second:?}",
+        stats.ok, stats.failed
+    );
+    let refused: Vec<&String> = stats
+        .errors
+        .iter()
+        .filter(|e| e.contains("refused"))
+        .collect();
+    assert!(refused.is_empty(), "refused connections: {refused:?}");
+}
+
+#[test]
+fn as_pid_1_it_reaps_orphans_and_drains_on_sigterm() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: unshare --pid needs root");
+        return;
+    }
+    // The launcher leaves an orphan behind: a subshell starts `sleep` and
+    // exits at once, so `sleep` is reparented to PID 1, the supervisor.
+    let sup = Supervised::start(&[], &["unshare", "--pid", "--fork", "--kill-child"]);
+    write_launcher(
+        &sup.launcher,
+        &format!("(sleep 0.3 &)\nexec /usr/bin/python3 {}", python_server()),
+    );
+    // The supervisor's host PID: unshare's child.
+    let unshare = sup.supervisor.id();
+    let pid1 = common::all_processes()
+        .into_iter()
+        .find(|p| p.ppid == unshare)
+        .expect("the supervisor under unshare")
+        .pid;
+    let out = sup.upgrade();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The orphan appears under PID 1, exits, and must not stay a zombie.
+    let deadline = Instant::now() + DEADLINE;
+    let mut seen = false;
+    loop {
+        let orphans: Vec<_> = common::all_processes()
+            .into_iter()
+            .filter(|p| p.ppid == pid1 && p.comm == "sleep")
+            .collect();
+        seen |= !orphans.is_empty();
+        if seen && orphans.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "orphans under PID 1: {:?}",
+            orphans.iter().map(|p| (p.pid, p.state)).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        common::zombie_children(pid1).is_empty(),
+        "no zombie under PID 1"
+    );
+    // SIGTERM: the child drains and exits 0, and so does the supervisor.
+    common::signal(pid1, libc::SIGTERM);
+    assert_eq!(wait_exit(unshare, DEADLINE), Some(Some(0)), "{}", sup.log());
+}
