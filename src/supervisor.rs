@@ -124,6 +124,8 @@ struct Supervisor {
     exited: Notify,
     /// The control socket's path, unlinked when the supervisor exits.
     control_path: Mutex<Option<crate::socket::BoundPath>>,
+    /// Notified whenever `Shared::serving` changes.
+    serving_changed: Notify,
 }
 
 /// Runs the supervisor until it is told to stop; returns the exit status:
@@ -159,6 +161,7 @@ pub async fn run(handoff: Handoff, config: Config) -> Result<i32, String> {
         }),
         exited: Notify::new(),
         control_path: Mutex::new(None),
+        serving_changed: Notify::new(),
     });
     let code = supervisor.main().await;
     if let Some(path) = lock(&supervisor.control_path).take() {
@@ -201,8 +204,14 @@ impl Supervisor {
         self.status_line();
 
         let name = loop {
+            // Woken when the serving child changes, so the exit watched below
+            // is always the current serving child's.
+            let changed = self.serving_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
             let serving = lock(&self.shared).serving;
             tokio::select! {
+                () = &mut changed => {}
                 Some(()) = hup.recv() => self.begin_upgrade(None),
                 Some((command, reply)) = incoming.recv() => match command {
                     Command::Upgrade => self.begin_upgrade(Some(reply)),
@@ -213,7 +222,11 @@ impl Supervisor {
                 Some(()) = usr1.recv() => self.forward(Signal::SIGUSR1),
                 Some(()) = usr2.recv() => self.forward(Signal::SIGUSR2),
                 code = self.wait_exit(serving.unwrap_or(0)), if serving.is_some() => {
-                    self.child_died(serving.unwrap_or(0), code).await;
+                    // Still the serving child? (Not one an upgrade retired meanwhile.)
+                    let pid = serving.unwrap_or(0);
+                    if lock(&self.shared).serving == Some(pid) {
+                        self.child_died(pid, code).await;
+                    }
                 }
             }
         };
@@ -308,6 +321,8 @@ impl Supervisor {
                     p.state = GenerationState::Serving;
                 }
                 shared.serving = Some(pid);
+                drop(shared);
+                self.serving_changed.notify_waiters();
                 Ok((pid, generation))
             }
             Err(why) => {

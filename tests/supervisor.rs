@@ -49,6 +49,16 @@ fn write_launcher(path: &Path, body: &str) {
 
 impl Supervised {
     fn start(extra: &[&str], wrapper: &[&str]) -> Supervised {
+        Self::start_child(extra, wrapper, None)
+    }
+
+    /// As `start`, with the launcher running `child` (given the address)
+    /// instead of the Python server.
+    fn start_child(
+        extra: &[&str],
+        wrapper: &[&str],
+        child: Option<&dyn Fn(SocketAddr) -> String>,
+    ) -> Supervised {
         become_subreaper();
         let dir = TempDir::new("supervisor");
         let addr = free_port();
@@ -58,12 +68,13 @@ impl Supervised {
             .to_string_lossy()
             .into_owned();
         let launcher = dir.path().join("server.sh");
-        write_launcher(
-            &launcher,
-            &format!("exec /usr/bin/python3 {}", python_server()),
-        );
+        let body = match child {
+            Some(child) => child(addr),
+            None => format!("exec /usr/bin/python3 {}", python_server()),
+        };
+        write_launcher(&launcher, &body);
         let tag = Tagged::new("supervisor");
-        let listen = format!("web=tcp://{addr}");
+        let listen = format!("http0=tcp://{addr}");
         let mut args: Vec<&str> = wrapper.to_vec();
         args.extend([
             env!("CARGO_BIN_EXE_handoff"),
@@ -155,6 +166,19 @@ fn a_python_server_upgrades_10_times_under_load() {
         pids.push(pid);
         load.wait_for_more(50);
     }
+    // No spurious restart: exactly 10 upgrades, and the serving child is generation 11.
+    let out = handoff(&["status", "--control", &sup.control, "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(status["upgrades_done"], 10, "{status}");
+    let serving: Vec<&serde_json::Value> = status["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["state"] == "serving")
+        .collect();
+    assert_eq!(serving.len(), 1, "{status}");
+    assert_eq!(serving[0]["generation"], 11, "{status}");
+    assert_eq!(serving[0]["pid"], *pids.last().unwrap(), "{status}");
     let stats = load.stop();
     println!(
         "python under handoff run: {} ok, {} failed, {} retries",
@@ -299,4 +323,30 @@ fn as_pid_1_it_reaps_orphans_and_drains_on_sigterm() {
     // SIGTERM: the child drains and exits 0, and so does the supervisor.
     common::signal(pid1, libc::SIGTERM);
     assert_eq!(wait_exit(unshare, DEADLINE), Some(Some(0)), "{}", sup.log());
+}
+
+/// A child that exits the moment it is told to stop (the library's
+/// `http_server` with nothing in flight) must not be mistaken for a crash of
+/// the serving child: exactly one child serves, of the expected generation.
+#[test]
+fn a_retired_child_that_exits_at_once_is_not_taken_for_a_crash() {
+    let server = common::example_path("http_server")
+        .to_string_lossy()
+        .into_owned();
+    let child = move |addr: SocketAddr| format!("exec {server} --listen {addr}");
+    let sup = Supervised::start_child(&[], &[], Some(&child));
+    for _ in 0..5 {
+        let out = sup.upgrade();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let out = handoff(&["status", "--control", &sup.control, "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let generations = status["generations"].as_array().unwrap();
+    let serving: Vec<&serde_json::Value> = generations
+        .iter()
+        .filter(|g| g["state"] == "serving")
+        .collect();
+    assert_eq!(serving.len(), 1, "{status}");
+    assert_eq!(serving[0]["generation"], 6, "no restart happened: {status}");
+    assert!(!sup.log().contains("restarting"), "{}", sup.log());
 }

@@ -149,7 +149,9 @@ fn render(name: &str, units: &Path, state: &Path, addr: SocketAddr) {
             "/usr/local/bin/http_server",
             &path(&state.join("http_server")),
         )
+        .replace("/usr/local/bin/handoff", &path(&state.join("handoff")))
         .replace("127.0.0.1:8080", &addr.to_string())
+        .replace("127.0.0.1:8081", &addr.to_string())
         .lines()
         .filter(|l| *l != "[Install]" && !l.starts_with("WantedBy="))
         .map(|l| format!("{l}\n"))
@@ -168,10 +170,16 @@ fn render(name: &str, units: &Path, state: &Path, addr: SocketAddr) {
     std::fs::write(units.join(name), text).expect("write the unit");
 }
 
+/// Copies the binaries into the state directory: inside the sandbox only it
+/// (of everything under /tmp) is visible.
 fn install_binary(state: &Path) {
     let bin = state.join("http_server");
     let _ = std::fs::remove_file(&bin);
     std::fs::copy(example_path("http_server"), &bin).expect("copy http_server");
+    let handoff = state.join("handoff");
+    if !handoff.exists() {
+        std::fs::copy(env!("CARGO_BIN_EXE_handoff"), &handoff).expect("copy handoff");
+    }
 }
 
 /// Which systemd and which units.
@@ -181,6 +189,10 @@ struct Variant {
     service: &'static str,
     /// `systemctl reload` returns only once the upgrade is over.
     reload_waits: bool,
+    /// The service is `handoff run`: its main PID stays, its child changes.
+    supervised: bool,
+    /// A failed upgrade makes `systemctl reload` fail (ExecReload=handoff upgrade).
+    reload_fails_truthfully: bool,
 }
 
 fn exercise(variant: &Variant, systemd_root: Option<&Path>) {
@@ -206,10 +218,15 @@ fn exercise(variant: &Variant, systemd_root: Option<&Path>) {
     sandbox.ctl_ok(&["start", variant.socket]);
     assert_eq!(sandbox.show(service, "ActiveState"), "inactive");
     let first = get(addr, "/").expect("the first connection starts the service");
-    let mut main: u32 = sandbox.show(service, "MainPID").parse().unwrap();
-    assert_eq!(first.pid(), Some(main), "the activated service answers");
+    let supervisor: u32 = sandbox.show(service, "MainPID").parse().unwrap();
+    // `main` is the process that serves: the main process itself, or the
+    // supervisor's child.
+    let mut main = first.pid().expect("pid in the body");
+    if !variant.supervised {
+        assert_eq!(main, supervisor, "the activated service answers");
+    }
     sandbox.wait_for(service, "StatusText", "the first STATUS=", |s| {
-        s.starts_with("Serving, generation 1")
+        s.starts_with("Serving, generation 1") && s.contains(&format!("(pid {main})"))
     });
 
     // 10 reloads under load.
@@ -222,24 +239,43 @@ fn exercise(variant: &Variant, systemd_root: Option<&Path>) {
             "reload {round}: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-        let new = if variant.reload_waits {
-            sandbox.show(service, "MainPID")
+        let new: u32 = if variant.supervised {
+            // The supervisor stays; the child answering new connections changes.
+            assert_eq!(sandbox.show(service, "MainPID"), supervisor.to_string());
+            let deadline = Instant::now() + DEADLINE;
+            loop {
+                let pid = get(addr, "/")
+                    .expect("GET / after a reload")
+                    .pid()
+                    .unwrap_or(0);
+                if pid != main {
+                    break pid;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "reload {round}: still served by {main}"
+                );
+            }
+        } else if variant.reload_waits {
+            sandbox.show(service, "MainPID").parse().unwrap()
         } else {
-            sandbox.wait_for(service, "MainPID", "the next generation", |p| {
+            let pid = sandbox.wait_for(service, "MainPID", "the next generation", |p| {
                 p != main.to_string()
-            })
+            });
+            pid.parse().unwrap()
         };
-        let new: u32 = new.parse().unwrap();
         assert_ne!(new, main, "reload {round} started a new generation");
         main = new;
         sandbox.wait_for(service, "StatusText", "the new generation's status", |s| {
             s.contains(&format!("(pid {main})"))
         });
-        assert_eq!(
-            get(addr, "/").expect("GET / after a reload").pid(),
-            Some(main),
-            "MainPID serves"
-        );
+        let deadline = Instant::now() + DEADLINE;
+        while get(addr, "/").expect("GET / after a reload").pid() != Some(main) {
+            assert!(
+                Instant::now() < deadline,
+                "new connections never reached {main}"
+            );
+        }
         assert_eq!(sandbox.show(service, "ActiveState"), "active");
         assert_eq!(sandbox.show(service, "NRestarts"), "0");
         load.wait_for_more(50);
@@ -258,16 +294,19 @@ fn exercise(variant: &Variant, systemd_root: Option<&Path>) {
     std::fs::write(&bin, "#!/bin/sh\nexit 1\n").unwrap();
     std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let output = sandbox.ctl(&["reload", service]);
-    assert!(
+    assert_eq!(
         output.status.success(),
-        "a failed upgrade still ends the reload"
+        !variant.reload_fails_truthfully,
+        "systemctl reload after a failed upgrade: {}",
+        String::from_utf8_lossy(&output.stderr)
     );
     sandbox.wait_for(service, "StatusText", "the failure in STATUS=", |s| {
         s.contains("last upgrade failed") && s.contains("exited with status 1")
     });
+    let expected_main = if variant.supervised { supervisor } else { main };
     assert_eq!(
         sandbox.show(service, "MainPID"),
-        main.to_string(),
+        expected_main.to_string(),
         "the old process still serves"
     );
     assert_eq!(sandbox.show(service, "ActiveState"), "active");
@@ -311,6 +350,8 @@ fn units_under_systemd_252_notify_with_exec_reload() {
         socket: "handoff-demo-legacy.socket",
         service: "handoff-demo-legacy.service",
         reload_waits: false,
+        supervised: false,
+        reload_fails_truthfully: false,
     };
     exercise(&variant, None);
 }
@@ -336,6 +377,52 @@ fn units_under_systemd_254_notify_reload() {
         socket: "handoff-demo.socket",
         service: "handoff-demo.service",
         reload_waits: true,
+        supervised: false,
+        reload_fails_truthfully: false,
+    };
+    exercise(&variant, Some(&root));
+}
+
+#[test]
+fn supervisor_under_systemd_252_with_a_waiting_exec_reload() {
+    if let Some(why) = cannot_run() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let variant = Variant {
+        label: "252-supervisor",
+        socket: "handoff-run-demo-legacy.socket",
+        service: "handoff-run-demo-legacy.service",
+        reload_waits: true,
+        supervised: true,
+        reload_fails_truthfully: true,
+    };
+    exercise(&variant, None);
+}
+
+#[test]
+fn supervisor_under_systemd_254_notify_reload() {
+    if let Some(why) = cannot_run() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let cache = TempDir::new("systemd-254-supervisor");
+    let output = run(&["fetch", &path(cache.path())]);
+    if !output.status.success() {
+        eprintln!(
+            "SKIPPED: cannot fetch systemd 254 from Debian backports: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        return;
+    }
+    let root = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+    let variant = Variant {
+        label: "254-supervisor",
+        socket: "handoff-run-demo.socket",
+        service: "handoff-run-demo.service",
+        reload_waits: true,
+        supervised: true,
+        reload_fails_truthfully: false,
     };
     exercise(&variant, Some(&root));
 }
