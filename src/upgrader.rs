@@ -435,7 +435,8 @@ impl Handoff {
                 connections: drain.map(crate::Drain::active),
                 listeners: lock(&inner.registry).names(),
             }],
-            upgrades_done: inner.upgrades_done.load(Ordering::Relaxed),
+            // Every generation after the first is one upgrade that succeeded.
+            upgrades_done: inner.generation - 1 + inner.upgrades_done.load(Ordering::Relaxed),
             upgrades_failed: inner.upgrades_failed.load(Ordering::Relaxed),
             last_failure: lock(&inner.last_failure).clone(),
         }

@@ -110,6 +110,10 @@ fn upgrade_and_status_against_the_library_server() {
     let out = handoff(&["status", "--control", &control_arg, "--json"]);
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["upgrades_failed"], 1);
+    assert_eq!(
+        status["upgrades_done"], 3,
+        "the lineage's upgrades: {status}"
+    );
     assert!(status["last_failure"]
         .as_str()
         .unwrap()
