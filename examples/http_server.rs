@@ -43,6 +43,10 @@ fn main() -> ExitCode {
         let app = Arc::new(http::App {
             pid: std::process::id(),
             generation: handoff.generation(),
+            stopping: Some(Box::new({
+                let handoff = handoff.clone();
+                move || handoff.is_stopping()
+            })),
         });
         let drain = drain.clone();
         move |stream, guard| http::serve(stream, guard, drain.clone(), app.clone())

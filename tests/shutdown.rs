@@ -105,3 +105,65 @@ fn a_second_sigterm_cuts_at_once() {
     );
     assert!(slow.join().unwrap().is_err());
 }
+
+/// Lame duck: with `--drain-delay 2`, `/readyz` answers 503 at once after
+/// SIGTERM, requests keep succeeding for the delay, then the listener closes.
+#[test]
+fn a_drain_delay_reports_not_ready_keeps_serving_then_closes() {
+    let server = Server::start_with(
+        Options::new("http_server")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--drain-delay")
+            .arg("2"),
+    );
+    let addr = server.addr();
+    let pid = server.first_pid;
+    assert_eq!(common::http::get(addr, "/readyz").unwrap().status, 200);
+    assert_eq!(common::http::get(addr, "/healthz").unwrap().status, 200);
+    let signalled = Instant::now();
+    signal(pid, libc::SIGTERM);
+    server
+        .events
+        .wait(0, DEADLINE, "the lame-duck line", |l| l.is("lame-duck"));
+    assert_eq!(
+        common::http::get(addr, "/readyz").unwrap().status,
+        503,
+        "not ready at once"
+    );
+    assert_eq!(
+        common::http::get(addr, "/healthz").unwrap().status,
+        200,
+        "still alive"
+    );
+    // Keep asking until the listener closes; every answer until then is 200.
+    let mut served = 0;
+    let closed_after = loop {
+        match common::http::get(addr, "/") {
+            Ok(response) => {
+                assert_eq!(response.status, 200);
+                served += 1;
+            }
+            Err(error) => {
+                let stopped = server
+                    .events
+                    .snapshot()
+                    .iter()
+                    .any(|l| l.starts_with("stopping "));
+                assert!(
+                    stopped,
+                    "a request failed before the listener closed: {error}"
+                );
+                break signalled.elapsed();
+            }
+        }
+        assert!(signalled.elapsed() < DEADLINE, "the listener never closed");
+    };
+    println!("lame duck: {served} requests served during the delay; closed after {closed_after:?}");
+    assert!(
+        closed_after >= Duration::from_millis(1900),
+        "closed after {closed_after:?}, before the 2 s delay"
+    );
+    assert!(served > 10, "requests kept succeeding during the delay");
+    assert_eq!(wait_exit(pid, DEADLINE), Some(Some(0)));
+}

@@ -64,6 +64,7 @@ fn run() -> Result<ExitCode, Box<dyn Error>> {
     let app = Arc::new(App {
         pid: std::process::id(),
         generation,
+        stopping: None,
     });
     tokio::runtime::Runtime::new()?.block_on(async move {
         let listener = bind_reuseport(addr)?;

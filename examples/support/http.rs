@@ -5,6 +5,8 @@
 //! - `GET /` answers `pid=<pid> generation=<n>`.
 //! - `GET /sleep?ms=N` waits N ms (at most 60 s), then answers like `GET /`;
 //!   it prints `sleeping pid=<pid> ms=<N>` on stdout when it starts.
+//! - `GET /healthz` answers 200 while the process works; `GET /readyz`
+//!   answers 503 from the moment it decided to stop, else 200.
 //! - `GET /subprocess` runs `/bin/sh -c 'ls -l /proc/$$/fd; env'` and returns
 //!   its output: what a subprocess of the server inherits (fds and variables).
 
@@ -33,6 +35,8 @@ const IDLE_GRACE: Duration = Duration::from_secs(1);
 pub struct App {
     pub pid: u32,
     pub generation: u64,
+    /// Answers `/readyz` with 503 once this reports true (the process decided to stop).
+    pub stopping: Option<Box<dyn Fn() -> bool + Send + Sync>>,
 }
 
 /// Serves one connection; see [`IDLE_GRACE`] for what happens when draining.
@@ -77,6 +81,16 @@ async fn handle(request: Request<Incoming>, app: Arc<App>) -> Response<Full<Byte
     let hello = || format!("pid={} generation={}\n", app.pid, app.generation);
     let response = match request.uri().path() {
         "/" => text(StatusCode::OK, hello()),
+        // Liveness: the process works.
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        // Readiness: 503 from the moment the process decided to stop, so a
+        // load balancer stops sending new work during the drain delay.
+        "/readyz" => match &app.stopping {
+            Some(stopping) if stopping() => {
+                text(StatusCode::SERVICE_UNAVAILABLE, "stopping\n".into())
+            }
+            _ => text(StatusCode::OK, "ready\n".into()),
+        },
         "/sleep" => {
             let ms = request
                 .uri()

@@ -15,6 +15,7 @@ use std::time::Duration;
 use handoff::{ConnectionGuard, Drain, Handoff, UpgradeEvent};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 /// Flags every example takes besides `--listen`.
 #[derive(clap::Args, Debug)]
@@ -31,6 +32,11 @@ pub struct Flags {
     /// Serve the control protocol here, for `handoff upgrade` and `handoff status`.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// Lame duck: after SIGTERM, keep accepting this many seconds while
+    /// /readyz answers 503, so load balancers stop sending traffic before the
+    /// listener closes. (Not after an upgrade: the successor serves.)
+    #[arg(long, value_name = "SECS", default_value = "0", value_parser = secs)]
+    pub drain_delay: Duration,
 }
 
 /// Prints one event line on stdout. Errors (a closed stdout) are ignored:
@@ -109,11 +115,38 @@ where
     let reporter = Reporter::start(&handoff);
     let drain = Drain::new();
     let serve = make_serve(&handoff, &drain);
+    // When to stop accepting: at once after an upgrade; after --drain-delay
+    // (the lame duck) on a stop signal, unless a second one comes.
+    let stop_accepting = CancellationToken::new();
+    {
+        let (handoff, stop_accepting, delay) =
+            (handoff.clone(), stop_accepting.clone(), flags.drain_delay);
+        tokio::spawn(async move {
+            let reason = handoff.stopping().await;
+            if !matches!(reason, handoff::StopReason::Upgraded { .. }) && !delay.is_zero() {
+                say(format_args!(
+                    "lame-duck pid={} delay_ms={}",
+                    std::process::id(),
+                    delay.as_millis()
+                ));
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = handoff.forced() => {}
+                }
+            }
+            stop_accepting.cancel();
+        });
+    }
     let mut addrs = Vec::new();
     let mut accepting = Vec::new();
     for listener in listeners {
         addrs.push(listener.local_addr()?.to_string());
-        let task = accept_loop(listener, handoff.clone(), drain.clone(), serve.clone());
+        let task = accept_loop(
+            listener,
+            stop_accepting.clone(),
+            drain.clone(),
+            serve.clone(),
+        );
         accepting.push(tokio::spawn(task));
     }
     say(format_args!(
@@ -127,6 +160,7 @@ where
     say(format_args!("ready pid={pid} generation={generation}"));
 
     let reason = handoff.stopping().await;
+    stop_accepting.cancelled().await;
     for task in accepting {
         task.await?;
     }
@@ -150,7 +184,7 @@ where
 }
 
 /// Accepts until this process must stop, then drops (closes) its listener fd.
-async fn accept_loop<S, F>(listener: TcpListener, handoff: Handoff, drain: Drain, serve: S)
+async fn accept_loop<S, F>(listener: TcpListener, stop: CancellationToken, drain: Drain, serve: S)
 where
     S: Fn(TcpStream, ConnectionGuard) -> F,
     F: Future<Output = ()> + Send + 'static,
@@ -158,7 +192,7 @@ where
     loop {
         tokio::select! {
             biased;
-            _ = handoff.stopping() => break,
+            () = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     tokio::spawn(serve(stream, drain.track()));
