@@ -47,7 +47,7 @@ pub fn say(line: fmt::Arguments<'_>) {
     let _ = out.flush();
 }
 
-fn init_logging() {
+pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -208,13 +208,13 @@ where
 }
 
 /// Prints a line for every upgrade event of this process, until [`finish`](Reporter::finish).
-struct Reporter {
+pub struct Reporter {
     task: tokio::task::JoinHandle<()>,
     done: Arc<Notify>,
 }
 
 impl Reporter {
-    fn start(handoff: &Handoff) -> Reporter {
+    pub fn start(handoff: &Handoff) -> Reporter {
         let mut events = handoff.upgrade_events();
         let done = Arc::new(Notify::new());
         let (pid, generation) = (std::process::id(), handoff.generation());
@@ -240,7 +240,7 @@ impl Reporter {
     }
 
     /// Prints what is still queued, so no event line is lost at exit.
-    async fn finish(self) {
+    pub async fn finish(self) {
         self.done.notify_one();
         let _ = self.task.await;
     }
