@@ -339,6 +339,22 @@ fn exercise(variant: &Variant, systemd_root: Option<&Path>) {
     assert_eq!(sandbox.show(service, "Result"), "success");
 }
 
+/// systemd 254 unpacked from Debian backports into a temp dir (kept alive by
+/// the returned guard), or `None` after saying why it is skipped.
+fn systemd_254() -> Option<(TempDir, PathBuf)> {
+    let cache = TempDir::new("systemd-254");
+    let output = run(&["fetch", &path(cache.path())]);
+    if !output.status.success() {
+        eprintln!(
+            "SKIPPED: cannot fetch systemd 254 from Debian backports: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        return None;
+    }
+    let root = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+    Some((cache, root))
+}
+
 #[test]
 fn units_under_systemd_252_notify_with_exec_reload() {
     if let Some(why) = cannot_run() {
@@ -362,16 +378,9 @@ fn units_under_systemd_254_notify_reload() {
         eprintln!("SKIPPED: {why}");
         return;
     }
-    let cache = TempDir::new("systemd-254");
-    let output = run(&["fetch", &path(cache.path())]);
-    if !output.status.success() {
-        eprintln!(
-            "SKIPPED: cannot fetch systemd 254 from Debian backports: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+    let Some((_cache, root)) = systemd_254() else {
         return;
-    }
-    let root = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+    };
     let variant = Variant {
         label: "254",
         socket: "handoff-demo.socket",
@@ -406,16 +415,9 @@ fn supervisor_under_systemd_254_notify_reload() {
         eprintln!("SKIPPED: {why}");
         return;
     }
-    let cache = TempDir::new("systemd-254-supervisor");
-    let output = run(&["fetch", &path(cache.path())]);
-    if !output.status.success() {
-        eprintln!(
-            "SKIPPED: cannot fetch systemd 254 from Debian backports: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+    let Some((_cache, root)) = systemd_254() else {
         return;
-    }
-    let root = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+    };
     let variant = Variant {
         label: "254-supervisor",
         socket: "handoff-run-demo.socket",
