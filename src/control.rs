@@ -1,7 +1,7 @@
 //! The control socket: a small, versioned protocol over a Unix stream socket
 //! through which `handoff upgrade` asks for an upgrade and learns its outcome,
 //! and `handoff status` reads the state. Served by the library (when the
-//! application calls [`Handoff::serve_control`]) and by `handoff run`.
+//! application calls [`Handoff::serve_control`](crate::Handoff::serve_control)) and by `handoff run`.
 //!
 //! **Protocol, version 1.** One request per connection: the client sends one
 //! JSON object on one line (at most [`MAX_REQUEST`] bytes with the newline),
