@@ -47,17 +47,9 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let mut builder = Handoff::builder();
-    if let Some(path) = &args.pid_file {
-        builder = builder.pid_file(path);
-    }
-    let result = builder
-        .build()
-        .map_err(Into::into)
-        .and_then(|handoff| tokio::runtime::Runtime::new()?.block_on(run(handoff, args)));
-    result.unwrap_or_else(|error: Box<dyn std::error::Error>| {
-        eprintln!("multi_socket: {error}");
-        ExitCode::from(2)
+    let pid_file = args.pid_file.clone();
+    support::main_with("multi_socket", 2, Handoff::builder(), pid_file, |handoff| {
+        run(handoff, args)
     })
 }
 

@@ -17,7 +17,7 @@
 //! The log shows each stage and component with its timing; stdout has one
 //! `shutdown stage=… component=… outcome=… ms=…` line per component, and the
 //! exit status is the report's (0 all closed, 1 something late or failed,
-//! 2 forced or out of time).
+//! 2 forced or out of time); 3 if the server could not start.
 
 use std::convert::Infallible;
 use std::io::Write;
@@ -74,19 +74,11 @@ struct Job {
 type Store = Arc<Mutex<Vec<String>>>;
 
 fn main() -> ExitCode {
-    support::init_logging();
     let args = Args::parse();
-    let mut builder = Handoff::builder().upgrade_timeout(args.upgrade_timeout);
-    if let Some(path) = &args.pid_file {
-        builder = builder.pid_file(path);
-    }
-    let result = builder
-        .build()
-        .map_err(Into::into)
-        .and_then(|handoff| tokio::runtime::Runtime::new()?.block_on(run(handoff, args)));
-    result.unwrap_or_else(|error: Box<dyn std::error::Error>| {
-        eprintln!("ordered_shutdown: {error}");
-        ExitCode::from(3)
+    let builder = Handoff::builder().upgrade_timeout(args.upgrade_timeout);
+    let pid_file = args.pid_file.clone();
+    support::main_with("ordered_shutdown", 3, builder, pid_file, |handoff| {
+        run(handoff, args)
     })
 }
 

@@ -79,19 +79,38 @@ where
     S: Fn(TcpStream, ConnectionGuard) -> F + Clone + Send + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
+    let builder = Handoff::builder().upgrade_timeout(flags.upgrade_timeout);
+    let pid_file = flags.pid_file.clone();
+    main_with(name, 2, builder, pid_file, |handoff| async move {
+        lifecycle(name, handoff, listen, &flags, make_serve).await
+    })
+}
+
+/// An example's `main`: logging; the `Handoff` built before any thread starts
+/// (it reads and scrubs the environment); then `body` on a tokio runtime.
+/// `cannot_start` is the exit status when the server could not start.
+pub fn main_with<B, Fut>(
+    name: &str,
+    cannot_start: u8,
+    mut builder: handoff::Builder,
+    pid_file: Option<PathBuf>,
+    body: B,
+) -> ExitCode
+where
+    B: FnOnce(Handoff) -> Fut,
+    Fut: Future<Output = Result<ExitCode, Box<dyn std::error::Error>>>,
+{
     init_logging();
-    let mut builder = Handoff::builder().upgrade_timeout(flags.upgrade_timeout);
-    if let Some(path) = &flags.pid_file {
+    if let Some(path) = pid_file {
         builder = builder.pid_file(path);
     }
-    // Before the runtime starts: this reads and scrubs the environment.
-    let result = builder.build().map_err(Into::into).and_then(|handoff| {
-        let runtime = tokio::runtime::Runtime::new()?;
-        runtime.block_on(lifecycle(name, handoff, listen, &flags, make_serve))
-    });
+    let result = builder
+        .build()
+        .map_err(Into::into)
+        .and_then(|handoff| tokio::runtime::Runtime::new()?.block_on(body(handoff)));
     result.unwrap_or_else(|error| {
         eprintln!("{name}: {error}");
-        ExitCode::from(2)
+        ExitCode::from(cannot_start)
     })
 }
 
