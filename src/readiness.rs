@@ -1,12 +1,69 @@
 //! How the supervisor knows a child serves: `READY=1` over its notify
 //! socket (from that very PID), a fixed delay, or an HTTP URL answering 2xx.
 
+use std::collections::HashSet;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::notify::NotifyListener;
+use crate::upgrader::lock;
+
+/// Reads the supervisor's notify socket all the time, so a child's
+/// `sd_notify` (`STATUS=`, `WATCHDOG=1`, …) never finds it full, and
+/// remembers which children said `READY=1` (by the sender's PID).
+pub(crate) struct Inbox {
+    ready: Mutex<HashSet<u32>>,
+    changed: tokio::sync::Notify,
+}
+
+impl Inbox {
+    /// Starts draining `listener`. Needs a tokio runtime.
+    pub(crate) fn start(listener: NotifyListener) -> Arc<Inbox> {
+        let inbox = Arc::new(Inbox {
+            ready: Mutex::new(HashSet::new()),
+            changed: tokio::sync::Notify::new(),
+        });
+        let reader = inbox.clone();
+        tokio::spawn(async move {
+            loop {
+                match listener.recv().await {
+                    Ok(message) => match message.pid {
+                        Some(pid) if message.has("READY=1") => {
+                            lock(&reader.ready).insert(pid);
+                            reader.changed.notify_waiters();
+                        }
+                        sender => tracing::debug!(?sender, text = %message.text, "notify message"),
+                    },
+                    Err(error) => {
+                        tracing::warn!(%error, "notify socket");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+        inbox
+    }
+
+    async fn ready(&self, pid: u32) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if lock(&self.ready).contains(&pid) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// Forgets a child that exited.
+    pub(crate) fn forget(&self, pid: u32) {
+        lock(&self.ready).remove(&pid);
+    }
+}
 
 /// A readiness check for children of `handoff run`.
 ///
@@ -100,20 +157,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 impl Ready {
     /// Resolves once the child `pid` is ready by this check. Never fails by
     /// itself; the caller bounds it with the upgrade timeout and the child's exit.
-    pub(crate) async fn wait(&self, pid: u32, notify: &NotifyListener) {
+    pub(crate) async fn wait(&self, pid: u32, inbox: &Inbox) {
         match self {
-            Ready::Notify => loop {
-                match notify.recv().await {
-                    Ok(message) if message.pid == Some(pid) && message.has("READY=1") => return,
-                    Ok(message) => {
-                        tracing::debug!(sender = ?message.pid, child = pid, text = %message.text, "notify message")
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "notify socket");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            },
+            Ready::Notify => inbox.ready(pid).await,
             Ready::Delay(delay) => tokio::time::sleep(*delay).await,
             Ready::Http { authority, path } => loop {
                 if http_ok(authority, path).await {

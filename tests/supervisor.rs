@@ -350,3 +350,39 @@ fn a_retired_child_that_exits_at_once_is_not_taken_for_a_crash() {
     assert_eq!(serving[0]["generation"], 6, "no restart happened: {status}");
     assert!(!sup.log().contains("restarting"), "{}", sup.log());
 }
+
+/// The supervisor keeps reading its notify socket while children serve, so a
+/// child that sends many messages (STATUS=, WATCHDOG=1, …) never blocks.
+#[test]
+fn notify_messages_from_a_serving_child_never_pile_up() {
+    let marker = TempDir::new("notify-spam");
+    let done = marker.path().join("sent");
+    let spam = format!(
+        "import os, socket\n\
+         a = os.environ['NOTIFY_SOCKET']\n\
+         a = '\\0' + a[1:] if a.startswith('@') else a\n\
+         s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+         for i in range(2000): s.sendto(b'STATUS=busy %d' % i, a)\n\
+         open('{}', 'w').write('ok')\n",
+        done.display()
+    );
+    let script = marker.path().join("spam.py");
+    std::fs::write(&script, spam).unwrap();
+    let python = python_server();
+    let script_arg = script.display().to_string();
+    let child = move |_addr: SocketAddr| {
+        // Once serving (after READY=1), a helper in the child's group sends 2000 messages.
+        format!("(sleep 0.5; /usr/bin/python3 {script_arg}) &\nexec /usr/bin/python3 {python}")
+    };
+    let sup = Supervised::start_child(&[], &[], Some(&child));
+    let deadline = Instant::now() + DEADLINE;
+    while !done.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the child's notify messages were not read:\n{}",
+            sup.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(get(sup.addr, "/").is_ok(), "still serving");
+}

@@ -49,7 +49,8 @@ struct Shared {
     upgrades_failed: u64,
     last_failure: Option<String>,
     /// Exit statuses of reaped children, as shell-style codes (128+signal).
-    exits: HashMap<u32, i32>,
+    /// Kept for a while after the reaping (every waiter looks at once).
+    exits: HashMap<u32, (i32, Instant)>,
 }
 
 struct Supervisor {
@@ -57,7 +58,9 @@ struct Supervisor {
     config: Config,
     program: PathBuf,
     cwd: PathBuf,
-    notify: NotifyListener,
+    /// The notify socket children get as NOTIFY_SOCKET, and what it heard.
+    notify_addr: String,
+    inbox: Arc<crate::readiness::Inbox>,
     shared: Mutex<Shared>,
     exited: Notify,
     /// The control socket's path, unlinked when the supervisor exits.
@@ -87,12 +90,15 @@ pub async fn run(handoff: Handoff, config: Config) -> Result<i32, String> {
     }
     let notify =
         NotifyListener::bind().map_err(|e| format!("cannot create the notify socket: {e}"))?;
+    let notify_addr = notify.addr().to_string();
+    let inbox = crate::readiness::Inbox::start(notify);
     let supervisor = Arc::new(Supervisor {
         handoff,
         config,
         program,
         cwd,
-        notify,
+        notify_addr,
+        inbox,
         shared: Mutex::new(Shared {
             next_generation: 1,
             ..Shared::default()
@@ -189,7 +195,13 @@ impl Supervisor {
                 shared
                     .procs
                     .retain(|p| p.pid != pid || p.state == GenerationState::Serving);
-                shared.exits.insert(pid, code);
+                // Forget exits long seen, so the map stays small over months.
+                shared
+                    .exits
+                    .retain(|_, (_, at)| at.elapsed() < Duration::from_secs(600));
+                shared.exits.insert(pid, (code, Instant::now()));
+                drop(shared);
+                self.inbox.forget(pid);
             } else {
                 tracing::debug!(pid, code, "reaped an orphan");
             }
@@ -203,7 +215,7 @@ impl Supervisor {
             let notified = self.exited.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(code) = lock(&self.shared).exits.get(&pid) {
+            if let Some((code, _)) = lock(&self.shared).exits.get(&pid) {
                 return *code;
             }
             notified.await;
@@ -223,7 +235,7 @@ impl Supervisor {
             args: &self.config.command,
             cwd: &self.cwd,
             fds: registry.handoff_fds(),
-            env: vec![(NOTIFY_SOCKET, self.notify.addr().to_string().into())],
+            env: vec![(NOTIFY_SOCKET, self.notify_addr.clone().into())],
             ignore_sighup: false,
         })
         .map_err(|e| e.to_string())?;
@@ -248,7 +260,7 @@ impl Supervisor {
         let (pid, generation) = self.start_child()?;
         let timeout = self.config.upgrade_timeout;
         let outcome = tokio::select! {
-            () = self.config.ready.wait(pid, &self.notify) => Ok(()),
+            () = self.config.ready.wait(pid, &self.inbox) => Ok(()),
             code = self.wait_exit(pid) => Err(format!("the new process {} before it was ready", exit_text(pid, code))),
             () = tokio::time::sleep(timeout) => Err(format!("the new process (pid {pid}) was not ready within {timeout:?}; it was killed")),
         };
@@ -430,7 +442,7 @@ impl Supervisor {
         }
         let shared = lock(&self.shared);
         serving
-            .and_then(|pid| shared.exits.get(&pid).copied())
+            .and_then(|pid| shared.exits.get(&pid).map(|(code, _)| *code))
             .unwrap_or(0)
     }
 
