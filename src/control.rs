@@ -437,9 +437,8 @@ mod tests {
 
     #[tokio::test]
     async fn bad_requests_get_errors() {
-        let dir = std::env::temp_dir().join(format!("handoff-control-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = crate::testutil::TempDir::new("control");
+        let dir = tmp.path().to_path_buf();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
         prepare_dir(&dir.join("c.sock")).unwrap();
         let path = dir.join("c.sock");
@@ -495,6 +494,5 @@ mod tests {
         );
         assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
         server.abort();
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

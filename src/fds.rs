@@ -440,8 +440,8 @@ mod tests {
 
     #[test]
     fn a_unix_path_is_unlinked_only_while_it_is_ours() {
-        let dir = std::env::temp_dir().join(format!("handoff-fds-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = crate::testutil::TempDir::new("fds");
+        let dir = tmp.path();
         let path = dir.join("s.sock");
         let (fd, bound) = bind_unix(&path, nix::sys::socket::SockType::Stream, None).unwrap();
         // A stale socket file (nobody listening) is replaced on the next bind.
@@ -452,6 +452,5 @@ mod tests {
         assert!(path.exists());
         rebound.unlink_if_ours();
         assert!(!path.exists());
-        std::fs::remove_dir(&dir).unwrap();
     }
 }

@@ -70,6 +70,9 @@ pub mod supervisor;
 mod upgrade;
 mod upgrader;
 
+#[cfg(test)]
+mod testutil;
+
 pub use drain::{ConnectionGuard, Drain, DrainReport};
 pub use env::StartMode;
 pub use error::{EnvError, Error, UpgradeError};

@@ -70,8 +70,8 @@ mod tests {
 
     #[test]
     fn write_replace_and_remove() {
-        let dir = std::env::temp_dir().join(format!("handoff-pidfile-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        let tmp = crate::testutil::TempDir::new("pidfile");
+        let dir = tmp.path();
         let pid_file = PidFile::new(dir.join("server.pid"));
         pid_file.write(41).unwrap();
         pid_file.write(42).unwrap();
@@ -81,7 +81,6 @@ mod tests {
         pid_file.remove_if(42);
         assert!(!pid_file.path().exists());
         // Only the PID file was ever there: no temporary file is left.
-        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
-        fs::remove_dir(&dir).unwrap();
+        assert_eq!(fs::read_dir(dir).unwrap().count(), 0);
     }
 }
