@@ -92,16 +92,22 @@ fn stages_close_in_order_work_in_flight_finishes_and_nothing_is_lost() {
     );
 }
 
-#[test]
-fn a_second_sigterm_exits_within_a_second() {
-    let (server, _dir, _store) = start(&["--workers", "1"]);
-    let (addr, pid) = (server.addr(), server.first_pid);
-    get(addr, "/job?ms=30000").unwrap();
+/// A server with one worker, busy on a 30 s job; returns its PID too.
+fn busy(extra: &[&str]) -> (Server, TempDir, u32) {
+    let (server, dir, _store) = start(extra);
+    get(server.addr(), "/job?ms=30000").unwrap();
     server
         .events
         .wait(0, DEADLINE, "the long job to start", |l| {
             l.is("job started")
         });
+    let pid = server.first_pid;
+    (server, dir, pid)
+}
+
+#[test]
+fn a_second_sigterm_exits_within_a_second() {
+    let (server, _dir, pid) = busy(&["--workers", "1"]);
     signal(pid, libc::SIGTERM);
     server
         .events
@@ -126,14 +132,7 @@ fn a_second_sigterm_exits_within_a_second() {
 
 #[test]
 fn the_overall_deadline_forces_exit_and_names_the_late() {
-    let (server, _dir, _store) = start(&["--workers", "1", "--overall-timeout", "1"]);
-    let (addr, pid) = (server.addr(), server.first_pid);
-    get(addr, "/job?ms=30000").unwrap();
-    server
-        .events
-        .wait(0, DEADLINE, "the long job to start", |l| {
-            l.is("job started")
-        });
+    let (server, _dir, pid) = busy(&["--workers", "1", "--overall-timeout", "1"]);
     let signalled = Instant::now();
     signal(pid, libc::SIGTERM);
     assert_eq!(wait_exit(pid, DEADLINE), Some(Some(2)));

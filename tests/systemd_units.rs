@@ -182,9 +182,19 @@ fn install_binary(state: &Path) {
     }
 }
 
+/// Which systemd runs the units.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Systemd {
+    /// This machine's (252).
+    Host,
+    /// 254 from Debian backports (has `Type=notify-reload`).
+    Backports254,
+}
+
 /// Which systemd and which units.
 struct Variant {
     label: &'static str,
+    systemd: Systemd,
     socket: &'static str,
     service: &'static str,
     /// `systemctl reload` returns only once the upgrade is over.
@@ -195,7 +205,23 @@ struct Variant {
     reload_fails_truthfully: bool,
 }
 
-fn exercise(variant: &Variant, systemd_root: Option<&Path>) {
+/// Runs the scenario for `variant`, or says why it is skipped.
+fn exercise(variant: &Variant) {
+    if let Some(why) = cannot_run() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    match variant.systemd {
+        Systemd::Host => scenario(variant, None),
+        Systemd::Backports254 => {
+            if let Some((_cache, root)) = systemd_254() {
+                scenario(variant, Some(&root));
+            }
+        }
+    }
+}
+
+fn scenario(variant: &Variant, systemd_root: Option<&Path>) {
     let dir = TempDir::new(&format!("systemd-{}", variant.label));
     let state = dir.path().join("state");
     let units = dir.path().join("units");
@@ -357,74 +383,52 @@ fn systemd_254() -> Option<(TempDir, PathBuf)> {
 
 #[test]
 fn units_under_systemd_252_notify_with_exec_reload() {
-    if let Some(why) = cannot_run() {
-        eprintln!("SKIPPED: {why}");
-        return;
-    }
-    let variant = Variant {
+    exercise(&Variant {
         label: "252",
+        systemd: Systemd::Host,
         socket: "handoff-demo-legacy.socket",
         service: "handoff-demo-legacy.service",
         reload_waits: false,
         supervised: false,
         reload_fails_truthfully: false,
-    };
-    exercise(&variant, None);
+    });
 }
 
 #[test]
 fn units_under_systemd_254_notify_reload() {
-    if let Some(why) = cannot_run() {
-        eprintln!("SKIPPED: {why}");
-        return;
-    }
-    let Some((_cache, root)) = systemd_254() else {
-        return;
-    };
-    let variant = Variant {
+    exercise(&Variant {
         label: "254",
+        systemd: Systemd::Backports254,
         socket: "handoff-demo.socket",
         service: "handoff-demo.service",
         reload_waits: true,
         supervised: false,
         reload_fails_truthfully: false,
-    };
-    exercise(&variant, Some(&root));
+    });
 }
 
 #[test]
 fn supervisor_under_systemd_252_with_a_waiting_exec_reload() {
-    if let Some(why) = cannot_run() {
-        eprintln!("SKIPPED: {why}");
-        return;
-    }
-    let variant = Variant {
+    exercise(&Variant {
         label: "252-supervisor",
+        systemd: Systemd::Host,
         socket: "handoff-run-demo-legacy.socket",
         service: "handoff-run-demo-legacy.service",
         reload_waits: true,
         supervised: true,
         reload_fails_truthfully: true,
-    };
-    exercise(&variant, None);
+    });
 }
 
 #[test]
 fn supervisor_under_systemd_254_notify_reload() {
-    if let Some(why) = cannot_run() {
-        eprintln!("SKIPPED: {why}");
-        return;
-    }
-    let Some((_cache, root)) = systemd_254() else {
-        return;
-    };
-    let variant = Variant {
+    exercise(&Variant {
         label: "254-supervisor",
+        systemd: Systemd::Backports254,
         socket: "handoff-run-demo.socket",
         service: "handoff-run-demo.service",
         reload_waits: true,
         supervised: true,
         reload_fails_truthfully: false,
-    };
-    exercise(&variant, Some(&root));
+    });
 }
