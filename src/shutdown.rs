@@ -3,6 +3,7 @@
 //! their jobs, then flush the stores), each stage within its own deadline and
 //! the whole within an overall one. The outcome is a [`ShutdownReport`].
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -199,9 +200,14 @@ impl Shutdown {
                 let mut results: Vec<Option<(Outcome, Duration)>> = vec![None; names.len()];
                 if !stage_over {
                     let mut set = JoinSet::new();
+                    // A panicking close leaves only its task id: which
+                    // component it was, and since when it ran.
+                    let mut tasks = HashMap::new();
                     for (i, c) in group.into_iter().enumerate() {
                         let started = Instant::now();
-                        set.spawn(async move { (i, (c.close)().await, started.elapsed()) });
+                        let task =
+                            set.spawn(async move { (i, (c.close)().await, started.elapsed()) });
+                        tasks.insert(task.id(), (i, started));
                     }
                     loop {
                         tokio::select! {
@@ -212,9 +218,9 @@ impl Shutdown {
                                     results[i] = Some((outcome, took));
                                 }
                                 Some(Err(e)) => {
-                                    // A panic: find which one by elimination is not possible; mark the first open slot.
-                                    if let Some(slot) = results.iter_mut().find(|r| r.is_none()) {
-                                        *slot = Some((Outcome::Failed(format!("panicked: {e}")), Duration::ZERO));
+                                    if let Some(&(i, started)) = tasks.get(&e.id()) {
+                                        let outcome = Outcome::Failed(join_error_message(e));
+                                        results[i] = Some((outcome, started.elapsed()));
                                     }
                                 }
                             },
@@ -249,6 +255,23 @@ impl Shutdown {
             tracing::warn!(ms = report.elapsed.as_millis() as u64, late = ?late, forced = report.forced, "shutdown incomplete");
         }
         report
+    }
+}
+
+/// What a close task that did not return says: its panic message where
+/// there is one (a `&str` or `String` payload), else just that it panicked.
+fn join_error_message(error: tokio::task::JoinError) -> String {
+    if !error.is_panic() {
+        return "cancelled".to_owned();
+    }
+    let payload = error.into_panic();
+    let message = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str));
+    match message {
+        Some(message) => format!("panicked: {message}"),
+        None => "panicked".to_owned(),
     }
 }
 
@@ -468,6 +491,49 @@ mod tests {
         assert_eq!(report.components[1].outcome, Outcome::TimedOut);
         assert!(report.forced);
         assert_eq!(report.exit_code(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_close_is_a_failure_with_its_message_and_time() {
+        let mut shutdown = Shutdown::new(Duration::from_secs(30));
+        shutdown
+            .stage("first", Duration::from_secs(10))
+            .add("slow", || async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok::<(), String>(())
+            })
+            .add("literal", || async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                panic!("disk on fire");
+                #[allow(unreachable_code)]
+                Ok::<(), String>(())
+            })
+            .add("formatted", || async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let code = 7;
+                panic!("error code {code}");
+                #[allow(unreachable_code)]
+                Ok::<(), String>(())
+            });
+        let report = shutdown.run(std::future::pending()).await;
+        let component = |n: &str| report.components.iter().find(|c| c.name == n).unwrap();
+        assert_eq!(component("slow").outcome, Outcome::Closed);
+        for (name, message, at_least) in [
+            ("literal", "disk on fire", 50),
+            ("formatted", "error code 7", 100),
+        ] {
+            let c = component(name);
+            match &c.outcome {
+                Outcome::Failed(error) => assert!(error.contains(message), "{name}: {error}"),
+                other => panic!("{name}: {other:?} ({:?})", c.elapsed),
+            }
+            assert!(
+                c.elapsed >= Duration::from_millis(at_least),
+                "{name} ran {:?}",
+                c.elapsed
+            );
+        }
+        assert_eq!(report.exit_code(), 1);
     }
 
     #[tokio::test]
