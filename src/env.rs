@@ -19,8 +19,8 @@ pub(crate) const LISTEN_FDS: &str = "LISTEN_FDS";
 pub(crate) const LISTEN_PID: &str = "LISTEN_PID";
 pub(crate) const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
 pub(crate) const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
-/// The generation of a successor (2 for the first upgrade). Its presence means
-/// "started by a handoff parent".
+/// The generation of a successor (2 for the first upgrade, at most
+/// [`MAX_GENERATION`]). Its presence means "started by a handoff parent".
 pub(crate) const HANDOFF_GENERATION: &str = "HANDOFF_GENERATION";
 /// systemd's own `NOTIFY_SOCKET`, carried past the parent's private one.
 pub(crate) const HANDOFF_NOTIFY_UPSTREAM: &str = "HANDOFF_NOTIFY_UPSTREAM";
@@ -44,6 +44,10 @@ pub(crate) const CONSUMED: [&str; 7] = [
 pub(crate) const LISTEN_FDS_START: RawFd = 3;
 /// More inherited fds than this is treated as a malformed `LISTEN_FDS`.
 const MAX_FDS: usize = 65_536;
+/// The highest `HANDOFF_GENERATION` accepted. Each successor gets
+/// `generation + 1`, so a bound far below `u64::MAX` keeps that from
+/// overflowing; at one upgrade a second it is still 136 years of upgrades.
+pub(crate) const MAX_GENERATION: u64 = u32::MAX as u64;
 /// `FDNAME_MAX` in systemd.
 pub(crate) const MAX_NAME_LEN: usize = 255;
 
@@ -168,6 +172,13 @@ pub(crate) fn parse(
                 HANDOFF_GENERATION,
                 &value,
                 "a successor's generation is at least 2",
+            ));
+        }
+        if generation > MAX_GENERATION {
+            return Err(invalid(
+                HANDOFF_GENERATION,
+                &value,
+                &format!("a generation is at most {MAX_GENERATION}"),
             ));
         }
         let notify_parent = notify(NOTIFY_SOCKET)?.ok_or_else(|| EnvError::Missing {
@@ -543,6 +554,25 @@ mod tests {
         ] {
             let message = err_with(var, value);
             assert!(message.contains(var), "{var}={value:?}: {message}");
+        }
+    }
+
+    #[test]
+    fn a_generation_above_the_bound_is_refused() {
+        let vars = with("HANDOFF_GENERATION", &MAX_GENERATION.to_string());
+        let refs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert_eq!(run(&refs, 100).unwrap().generation, MAX_GENERATION);
+        for value in [
+            (MAX_GENERATION + 1).to_string(),
+            u64::MAX.to_string(),
+            (u64::MAX - 1).to_string(),
+        ] {
+            let message = err_with("HANDOFF_GENERATION", &value);
+            assert!(message.contains("HANDOFF_GENERATION"), "{value}: {message}");
+            assert!(
+                message.contains(&MAX_GENERATION.to_string()),
+                "{value}: {message}"
+            );
         }
     }
 
