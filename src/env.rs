@@ -274,6 +274,31 @@ pub(crate) fn parse(
     })
 }
 
+/// Text that came from outside the process (an inherited fd's name, say),
+/// made safe for a log line or an error message: control characters,
+/// newlines, escape bytes, backslashes, quotes and other non-printable
+/// characters are shown as Rust escapes (`\n`, `\u{1b}`, `\\`, …), as
+/// [`str::escape_debug`] does, without surrounding quotes. So a name cannot
+/// start a forged log line or send terminal control sequences.
+///
+/// Formatting writes straight to the formatter: nothing is allocated.
+pub(crate) struct Escaped<'a>(pub &'a str);
+
+/// The escaped text, unquoted.
+impl std::fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0.escape_debug(), f)
+    }
+}
+
+/// The escaped text in double quotes, so a `?field` in a tracing event shows
+/// where it begins and ends.
+impl std::fmt::Debug for Escaped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "\"{self}\"")
+    }
+}
+
 fn invalid(var: &'static str, value: &str, reason: &str) -> EnvError {
     EnvError::Invalid {
         var,
@@ -331,14 +356,14 @@ fn parse_names(value: &str, count: usize, strict: bool) -> Result<Vec<String>, E
             return Err(invalid(
                 LISTEN_FDNAMES,
                 value,
-                &format!("name {i} ({name:?}) is {reason}"),
+                &format!("name {i} (\"{}\") is {reason}", Escaped(name)),
             ));
         }
         if strict && names[..i].contains(name) {
             return Err(invalid(
                 LISTEN_FDNAMES,
                 value,
-                &format!("name {name:?} appears twice"),
+                &format!("name \"{}\" appears twice", Escaped(name)),
             ));
         }
     }
@@ -362,7 +387,7 @@ fn parse_path_ids(value: &str, count: usize) -> Result<Vec<Option<PathId>>, EnvE
                 invalid(
                     HANDOFF_SOCKET_PATHS,
                     value,
-                    &format!("{id:?} is not dev,ino,ctime,nsec"),
+                    &format!("\"{}\" is not dev,ino,ctime,nsec", Escaped(id)),
                 )
             }),
         })
@@ -636,6 +661,38 @@ mod tests {
             let message = err(vars);
             assert!(message.contains(var), "{vars:?}: {message}");
         }
+    }
+
+    #[test]
+    fn escaped_renders_what_could_forge_a_log_line() {
+        let cases = [
+            ("http", "http"),
+            ("with space", "with space"),
+            ("a\nINFO forged line", "a\\nINFO forged line"),
+            ("\r\t\0", "\\r\\t\\0"),
+            ("\u{1b}[31mred", "\\u{1b}[31mred"),
+            ("back\\slash", "back\\\\slash"),
+            ("bell\u{7}del\u{7f}", "bell\\u{7}del\\u{7f}"),
+            ("nel\u{85}ls\u{2028}", "nel\\u{85}ls\\u{2028}"),
+            ("bidi\u{202e}zw\u{200b}", "bidi\\u{202e}zw\\u{200b}"),
+            ("café", "café"),
+        ];
+        for (raw, shown) in cases {
+            let out = Escaped(raw).to_string();
+            assert_eq!(out, shown, "{raw:?}");
+            assert!(!out.chars().any(char::is_control), "{raw:?} -> {out}");
+        }
+        assert_eq!(
+            format!("{:?}", Escaped("say \"hi\"\n")),
+            r#""say \"hi\"\n""#
+        );
+    }
+
+    #[test]
+    fn a_bad_inherited_name_cannot_break_the_error_line() {
+        let message = err_with("LISTEN_FDNAMES", "http:x\nERROR forged\u{1b}[2K");
+        assert!(message.contains("LISTEN_FDNAMES"), "{message}");
+        assert!(!message.chars().any(char::is_control), "{message}");
     }
 
     #[test]
