@@ -128,6 +128,9 @@ async fn run(handoff: Handoff, args: Args) -> Result<ExitCode, Box<dyn std::erro
             "upgrade succeeded pid={pid} generation={generation} successor={successor}"
         ));
     }
+    // Before exiting: wait out the probation and hand the service over. This
+    // example does not accept again after a take-back (see Handoff::serve).
+    let _ = handoff.finish().await;
     say(format_args!(
         "exit pid={pid} generation={generation} cut=0 waited_ms=0"
     ));

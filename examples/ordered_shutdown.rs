@@ -192,6 +192,8 @@ async fn run(handoff: Handoff, args: Args) -> Result<ExitCode, Box<dyn std::erro
         move || async move { flush(&path, &store, &jobs).await.map_err(|e| e.to_string()) }
     });
     let report = shutdown.run(handoff.forced()).await;
+    // Before exiting: wait out the probation and hand the service over.
+    let _ = handoff.finish().await;
     for c in &report.components {
         let outcome = match &c.outcome {
             Outcome::Closed => "closed".to_owned(),

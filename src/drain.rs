@@ -34,8 +34,19 @@ pub struct Drain {
 struct Shared {
     active: AtomicUsize,
     idle: Notify,
-    draining: CancellationToken,
+    /// The current drain signal; replaced by [`Drain::resume`], so
+    /// connections accepted after a take-back are not told to close.
+    draining: std::sync::Mutex<CancellationToken>,
     cut: CancellationToken,
+}
+
+impl Shared {
+    fn draining(&self) -> CancellationToken {
+        self.draining
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
 }
 
 /// Held by one connection for as long as it is open.
@@ -49,6 +60,7 @@ struct Shared {
 /// ```
 pub struct ConnectionGuard {
     inner: Arc<Shared>,
+    draining: CancellationToken,
 }
 
 /// The outcome of [`Drain::drain`].
@@ -104,6 +116,7 @@ impl Drain {
         self.inner.active.fetch_add(1, Ordering::SeqCst);
         ConnectionGuard {
             inner: self.inner.clone(),
+            draining: self.inner.draining(),
         }
     }
 
@@ -122,7 +135,33 @@ impl Drain {
     /// assert!(!handoff::Drain::new().is_draining());
     /// ```
     pub fn is_draining(&self) -> bool {
-        self.inner.draining.is_cancelled()
+        self.inner.draining().is_cancelled()
+    }
+
+    /// Ends a drain that was interrupted because this process serves again
+    /// (it took the sockets back from a successor that died): connections
+    /// tracked from now on are not told to finish up. Those told already
+    /// still are, and a later drain's deadline cuts them all.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let drain = handoff::Drain::new();
+    /// let _ = drain.drain(std::time::Duration::ZERO, std::future::pending()).await;
+    /// assert!(drain.is_draining());
+    /// drain.resume();
+    /// assert!(!drain.is_draining());
+    /// assert!(!drain.track().is_draining());
+    /// # }
+    /// ```
+    pub fn resume(&self) {
+        let mut draining = self
+            .inner
+            .draining
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if draining.is_cancelled() {
+            *draining = CancellationToken::new();
+        }
     }
 
     /// Tells every connection to finish up ([`ConnectionGuard::draining`]),
@@ -142,7 +181,7 @@ impl Drain {
     /// ```
     pub async fn drain(&self, timeout: Duration, force: impl Future<Output = ()>) -> DrainReport {
         let start = Instant::now();
-        self.inner.draining.cancel();
+        self.inner.draining().cancel();
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline, force);
         let forced = loop {
@@ -172,14 +211,16 @@ impl Drain {
 
 impl ConnectionGuard {
     /// Resolves when draining begins: finish the request in progress, then
-    /// close (an idle keep-alive connection closes at once).
+    /// close. (How soon an idle keep-alive connection should close is the
+    /// protocol's business: HTTP/1 closes it after a short grace, so a
+    /// request already on its way is answered rather than reset.)
     pub async fn draining(&self) {
-        self.inner.draining.cancelled().await
+        self.draining.cancelled().await
     }
 
-    /// Whether draining has begun.
+    /// Whether draining has begun for this connection.
     pub fn is_draining(&self) -> bool {
-        self.inner.draining.is_cancelled()
+        self.draining.is_cancelled()
     }
 
     /// Resolves when the drain deadline passed or draining was forced: close now.

@@ -28,9 +28,12 @@ pub(crate) const HANDOFF_NOTIFY_UPSTREAM: &str = "HANDOFF_NOTIFY_UPSTREAM";
 /// [`PathId`] of the Unix socket path the service bound for it, or nothing.
 /// Lets the last generation unlink a path its predecessor created.
 pub(crate) const HANDOFF_SOCKET_PATHS: &str = "HANDOFF_SOCKET_PATHS";
+/// The fd of a successor's end of the readiness channel (see `channel.rs`):
+/// always the one right after the `LISTEN_FDS` fds.
+pub(crate) const HANDOFF_CHANNEL_FD: &str = "HANDOFF_CHANNEL_FD";
 
 /// Every variable this module consumes; all are removed from the environment.
-pub(crate) const CONSUMED: [&str; 7] = [
+pub(crate) const CONSUMED: [&str; 8] = [
     LISTEN_FDS,
     LISTEN_PID,
     LISTEN_FDNAMES,
@@ -38,6 +41,7 @@ pub(crate) const CONSUMED: [&str; 7] = [
     HANDOFF_GENERATION,
     HANDOFF_NOTIFY_UPSTREAM,
     HANDOFF_SOCKET_PATHS,
+    HANDOFF_CHANNEL_FD,
 ];
 
 /// The first inherited fd, as in `sd_listen_fds(3)`.
@@ -82,8 +86,8 @@ pub(crate) struct StartEnv {
     pub fds: Vec<(RawFd, Option<String>)>,
     /// For each inherited fd, the socket path the service bound, if any.
     pub path_ids: Vec<Option<PathId>>,
-    /// A successor's parent, waiting for `READY=1`.
-    pub notify_parent: Option<NotifyAddr>,
+    /// A successor's end of the readiness channel to its parent.
+    pub channel: Option<RawFd>,
     /// systemd's notify socket, if the service runs under systemd.
     pub notify_upstream: Option<NotifyAddr>,
 }
@@ -102,7 +106,8 @@ static TAKEN: Mutex<bool> = Mutex::new(false);
 
 /// Reads, validates and removes the handoff variables, and takes ownership of
 /// the inherited fds. Returns `None` if an earlier call already did.
-pub(crate) fn take_from_process() -> Option<Result<(StartEnv, Vec<InheritedFd>), EnvError>> {
+pub(crate) fn take_from_process(
+) -> Option<Result<(StartEnv, Vec<InheritedFd>, Option<OwnedFd>), EnvError>> {
     let mut taken = TAKEN
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -123,8 +128,11 @@ pub(crate) fn take_from_process() -> Option<Result<(StartEnv, Vec<InheritedFd>),
             .find(|(var, _)| *var == name)
             .and_then(|(_, value)| value.clone())
     };
-    let result =
-        parse(get, std::process::id()).and_then(|env| claim_fds(&env).map(|fds| (env, fds)));
+    let result = parse(get, std::process::id()).and_then(|env| {
+        let fds = claim_fds(&env)?;
+        let channel = env.channel.map(claim_channel).transpose()?;
+        Ok((env, fds, channel))
+    });
     Some(result)
 }
 
@@ -134,7 +142,7 @@ fn fresh(notify_upstream: Option<NotifyAddr>) -> StartEnv {
         generation: 1,
         fds: Vec::new(),
         path_ids: Vec::new(),
-        notify_parent: None,
+        channel: None,
         notify_upstream,
     }
 }
@@ -181,12 +189,6 @@ pub(crate) fn parse(
                 &format!("a generation is at most {MAX_GENERATION}"),
             ));
         }
-        let notify_parent = notify(NOTIFY_SOCKET)?.ok_or_else(|| EnvError::Missing {
-            var: NOTIFY_SOCKET,
-            reason: format!(
-                "{HANDOFF_GENERATION} is set, so the parent's notify socket must be too"
-            ),
-        })?;
         let fds = match text(LISTEN_FDS)? {
             None => Vec::new(),
             Some(count) => {
@@ -218,12 +220,27 @@ pub(crate) fn parse(
             Some(value) => parse_path_ids(&value, fds.len())?,
             None => Vec::new(),
         };
+        let channel = text(HANDOFF_CHANNEL_FD)?.ok_or_else(|| EnvError::Missing {
+            var: HANDOFF_CHANNEL_FD,
+            reason: format!("{HANDOFF_GENERATION} is set, so the parent's channel must be too"),
+        })?;
+        let expected = LISTEN_FDS_START as u64 + fds.len() as u64;
+        if parse_number(HANDOFF_CHANNEL_FD, &channel)? != expected {
+            return Err(invalid(
+                HANDOFF_CHANNEL_FD,
+                &channel,
+                &format!(
+                    "the channel follows the {} passed fds, at fd {expected}",
+                    fds.len()
+                ),
+            ));
+        }
         return Ok(StartEnv {
             mode: StartMode::Successor,
             generation,
             fds,
             path_ids,
-            notify_parent: Some(notify_parent),
+            channel: Some(expected as RawFd),
             notify_upstream: notify(HANDOFF_NOTIFY_UPSTREAM)?,
         });
     }
@@ -269,7 +286,7 @@ pub(crate) fn parse(
             .zip(names)
             .collect(),
         path_ids: Vec::new(),
-        notify_parent: None,
+        channel: None,
         notify_upstream,
     })
 }
@@ -409,6 +426,48 @@ pub(crate) fn name_problem(name: &str) -> Option<&'static str> {
     }
 }
 
+/// Takes over the readiness channel's fd, once it proved to be what it
+/// claims: an open `AF_UNIX` `SOCK_SEQPACKET` socket. It is marked
+/// close-on-exec, so none of this process's own subprocesses inherits it.
+fn claim_channel(fd: RawFd) -> Result<OwnedFd, EnvError> {
+    let wrong = |reason: String| invalid(HANDOFF_CHANNEL_FD, &fd.to_string(), &reason);
+    // SAFETY: F_SETFD only sets the fd's flags; EBADF if it is not open.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(wrong(format!(
+            "fd {fd} is not open: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    let int_opt = |option: libc::c_int| -> std::io::Result<libc::c_int> {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: value and len are live and sized for an int option.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                option,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(value)
+    };
+    match (int_opt(libc::SO_DOMAIN), int_opt(libc::SO_TYPE)) {
+        (Ok(libc::AF_UNIX), Ok(libc::SOCK_SEQPACKET)) => {}
+        (Err(e), _) | (_, Err(e)) => {
+            return Err(wrong(format!("fd {fd} is not a socket: {e}")));
+        }
+        _ => return Err(wrong(format!("fd {fd} is not a Unix seqpacket socket"))),
+    }
+    // SAFETY: the environment hands this fd to us; it is open (checked) and
+    // taken once (take_from_process runs once per process).
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Checks every announced fd is open, marks it close-on-exec and takes it over.
 /// Two system calls however many fds there are (a server may inherit
 /// thousands): one `poll` reports fds that are not open (`POLLNVAL`), one
@@ -497,7 +556,7 @@ mod tests {
 
     const GOOD: [(&str, &str); 5] = [
         ("HANDOFF_GENERATION", "3"),
-        ("NOTIFY_SOCKET", "@handoff-test"),
+        ("HANDOFF_CHANNEL_FD", "5"),
         ("LISTEN_PID", "100"),
         ("LISTEN_FDS", "2"),
         ("LISTEN_FDNAMES", "http:admin"),
@@ -529,7 +588,7 @@ mod tests {
             env.fds,
             vec![(3, Some("http".to_owned())), (4, Some("admin".to_owned()))]
         );
-        assert!(env.notify_parent.is_some());
+        assert_eq!(env.channel, Some(5));
     }
 
     #[test]
@@ -570,8 +629,9 @@ mod tests {
             ("LISTEN_FDNAMES", "http:http"),
             ("LISTEN_FDNAMES", "http:"),
             ("LISTEN_FDNAMES", "http:bad\u{7}name"),
-            ("NOTIFY_SOCKET", "relative/path"),
-            ("NOTIFY_SOCKET", ""),
+            ("HANDOFF_CHANNEL_FD", "4"),
+            ("HANDOFF_CHANNEL_FD", "x"),
+            ("HANDOFF_NOTIFY_UPSTREAM", "relative/path"),
             ("HANDOFF_SOCKET_PATHS", "1,2,3,4"),
             ("HANDOFF_SOCKET_PATHS", "1,2,3:"),
             ("HANDOFF_SOCKET_PATHS", "1,2,3,4,5:"),
@@ -603,7 +663,7 @@ mod tests {
 
     #[test]
     fn successor_requires_its_companions() {
-        for missing in ["NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDNAMES"] {
+        for missing in ["HANDOFF_CHANNEL_FD", "LISTEN_PID", "LISTEN_FDNAMES"] {
             let vars: Vec<(&str, &str)> = GOOD
                 .iter()
                 .copied()

@@ -126,12 +126,11 @@ pub enum Error {
     /// `ready()` was called twice.
     #[error("ready() was already called")]
     AlreadyReady,
-    /// Telling the parent that this process is ready failed.
-    #[error(
-        "cannot tell the parent (NOTIFY_SOCKET={socket}) that this process is ready: {source}"
-    )]
+    /// Telling the parent that this process is ready failed (other than
+    /// because the parent is gone: then this process serves alone).
+    #[error("cannot tell the parent ({socket}) that this process is ready: {source}")]
     NotifyParent {
-        /// The parent's notify socket.
+        /// The parent's readiness channel.
         socket: String,
         /// The OS error.
         #[source]
@@ -182,6 +181,16 @@ pub enum UpgradeError {
     /// This process is shutting down.
     #[error("this process is shutting down")]
     Stopping,
+    /// This process is PID 1 (a container without an init): when it exits,
+    /// the kernel kills every process in its PID namespace, the successor too.
+    #[error("this process is PID 1, so its successor would be killed when it exits; run the server under `handoff run` (or an init such as tini) to upgrade it")]
+    Pid1,
+    /// The generation counter is exhausted.
+    #[error("generation {generation} is the last one; restart the service to upgrade again")]
+    GenerationLimit {
+        /// This process's generation.
+        generation: u64,
+    },
     /// The binary to run does not exist.
     #[error("the new binary {} does not exist", program.display())]
     BinaryMissing {
@@ -222,7 +231,7 @@ pub enum UpgradeError {
         timeout: Duration,
     },
     /// The upgrade was abandoned because this process began to stop.
-    #[error("the upgrade was cancelled because this process is stopping; the new process (pid {pid}) was killed")]
+    #[error("the upgrade was abandoned because this process is stopping; the new process (pid {pid}) was stopped")]
     Cancelled {
         /// The successor's PID.
         pid: u32,

@@ -52,15 +52,19 @@
 
 #![warn(missing_docs)]
 
+mod channel;
 pub mod control;
 mod drain;
 mod env;
 mod error;
 mod fds;
+mod handoff;
+mod lifecycle;
 mod listen;
 mod notify;
 mod pidfile;
 mod readiness;
+mod serve;
 mod service;
 mod shutdown;
 mod signals;
@@ -68,7 +72,6 @@ mod socket;
 mod spawn;
 pub mod supervisor;
 mod upgrade;
-mod upgrader;
 
 #[cfg(test)]
 mod testutil;
@@ -76,10 +79,14 @@ mod testutil;
 pub use drain::{ConnectionGuard, Drain, DrainReport};
 pub use env::StartMode;
 pub use error::{EnvError, Error, UpgradeError};
+pub use handoff::{
+    Builder, Finish, Handoff, StopReason, DEFAULT_KILL_GRACE, DEFAULT_PROBATION,
+    DEFAULT_UPGRADE_TIMEOUT,
+};
+pub use serve::{Accept, Serve, ServeEvent};
 pub use shutdown::{ComponentReport, Outcome, Shutdown, ShutdownReport, Stage, Workers};
 pub use socket::FdKind;
 pub use upgrade::{UpgradeEvent, UpgradeTicket};
-pub use upgrader::{Builder, Handoff, StopReason, DEFAULT_UPGRADE_TIMEOUT};
 
 /// The README's code examples, compiled as doc tests.
 #[cfg(doctest)]

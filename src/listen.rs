@@ -10,8 +10,8 @@ use nix::sys::socket::SockType;
 
 use crate::error::Error;
 use crate::fds::Wanted;
+use crate::handoff::{lock, Handoff};
 use crate::socket::{bind_tcp, bind_udp, bind_unix, FdKind, LocalAddr};
-use crate::upgrader::{lock, Handoff};
 
 impl Handoff {
     fn claim_socket(

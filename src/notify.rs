@@ -4,7 +4,7 @@
 //! the service manager's (systemd's) socket, with the `BARRIER=1` handshake.
 
 use std::fmt;
-use std::io::{self, IoSliceMut};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr as UnixSocketAddr, UnixDatagram as StdUnixDatagram};
@@ -12,9 +12,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use nix::sys::socket::{
-    recvmsg, sendmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr,
-};
+use nix::sys::socket::{sendmsg, setsockopt, sockopt, ControlMessage, MsgFlags, UnixAddr};
 use tokio::io::Interest;
 use tokio::net::UnixDatagram;
 
@@ -173,19 +171,7 @@ impl fmt::Display for NotifyAddr {
     }
 }
 
-/// One notify datagram and the PID the kernel says sent it.
-#[derive(Debug)]
-pub(crate) struct Message {
-    pub pid: Option<u32>,
-    pub text: String,
-}
-
-impl Message {
-    /// Whether the message has the line `KEY=VALUE`.
-    pub(crate) fn has(&self, line: &str) -> bool {
-        self.text.lines().any(|l| l == line)
-    }
-}
+pub(crate) use crate::channel::Message;
 
 /// A private notify socket under an abstract name, readable by this process only
 /// in the sense that every message carries its sender's PID.
@@ -223,50 +209,20 @@ impl NotifyListener {
         &self.addr
     }
 
-    /// Waits for the next datagram.
+    /// Waits for the next datagram. Fds attached to it are closed, and a
+    /// truncated one is returned with its problem noted, never as an error.
     pub(crate) async fn recv(&self) -> io::Result<Message> {
         let fd = self.socket.as_raw_fd();
-        self.socket
-            .async_io(Interest::READABLE, || {
-                let mut buf = [0u8; 4096];
-                let mut iov = [IoSliceMut::new(&mut buf)];
-                let mut space =
-                    nix::cmsg_space!(nix::sys::socket::UnixCredentials, [std::os::fd::RawFd; 4]);
-                let msg = recvmsg::<UnixAddr>(
-                    fd,
-                    &mut iov,
-                    Some(&mut space),
-                    MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
-                )
-                .map_err(io::Error::from)?;
-                let mut pid = None;
-                for cmsg in msg.cmsgs().map_err(io::Error::from)? {
-                    match cmsg {
-                        ControlMessageOwned::ScmCredentials(creds) => {
-                            pid = u32::try_from(creds.pid()).ok();
-                        }
-                        ControlMessageOwned::ScmRights(fds) => {
-                            for fd in fds {
-                                // SAFETY: the kernel just installed these fds
-                                // in this process for this message; nobody else
-                                // knows them, and we do not want them.
-                                drop(unsafe {
-                                    <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(
-                                        fd,
-                                    )
-                                });
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-                let len = msg.bytes;
-                Ok(Message {
-                    pid,
-                    text: String::from_utf8_lossy(&buf[..len]).into_owned(),
-                })
-            })
-            .await
+        loop {
+            let message = self
+                .socket
+                .async_io(Interest::READABLE, || crate::channel::recv_message(fd))
+                .await?;
+            // A datagram socket has no end-of-file; an empty datagram is one.
+            if let Some(message) = message {
+                return Ok(message);
+            }
+        }
     }
 }
 
@@ -303,7 +259,8 @@ mod tests {
         let barrier = tokio::spawn(async move { upstream.barrier(Duration::from_secs(30)).await });
         // The "manager" reads the message; receiving and dropping the fd closes it.
         let msg = listener.recv().await.unwrap();
-        assert!(msg.has("BARRIER=1"));
+        assert!(msg.text.lines().any(|l| l == "BARRIER=1"));
+        assert!(msg.problem.unwrap().contains("1 fds (closed)"));
         assert!(
             barrier.await.unwrap(),
             "the barrier returned once the fd was closed"

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::handoff::lock;
 use crate::notify::NotifyListener;
-use crate::upgrader::lock;
 
 /// Reads the supervisor's notify socket all the time, so a child's
 /// `sd_notify` (`STATUS=`, `WATCHDOG=1`, …) never finds it full, and

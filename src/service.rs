@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use crate::drain::{Drain, DrainReport};
 use crate::env::StartMode;
+use crate::handoff::{lock, Handoff};
 use crate::notify::monotonic_usec;
-use crate::upgrader::{lock, Handoff};
 
 /// How long the old process waits for systemd to confirm `MAINPID=` before it
 /// stops anyway.
@@ -48,14 +48,33 @@ impl Handoff {
         ));
     }
 
-    /// The successor is ready: systemd learns its PID and that the reload is
-    /// over, and this process waits until systemd has processed that
-    /// (`BARRIER=1`) so that it never sees its main process exit.
+    /// The successor is ready and committed: the reload is over (`READY=1`).
+    /// systemd's main PID stays this process's for now, so that a take-back
+    /// never races systemd's view of the main process; see
+    /// [`tell_handover`](Self::tell_handover).
+    pub(crate) fn tell_committed(&self, successor: u32) {
+        let next = self.inner.generation + 1;
+        self.inner.upstream.send(&format!(
+            "READY=1\nSTATUS=Serving, generation {next} (pid {successor}); generation {} (pid {}) drains and watches it",
+            self.inner.generation, self.inner.pid
+        ));
+    }
+
+    /// The handover is final: systemd learns the successor's PID, and this
+    /// process waits until systemd has processed that (`BARRIER=1`) so that it
+    /// never sees its main process exit. Once per process.
     pub(crate) async fn tell_handover(&self, successor: u32) {
+        if self
+            .inner
+            .manager_told
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
         let upstream = &self.inner.upstream;
         let next = self.inner.generation + 1;
         let sent = upstream.send(&format!(
-            "MAINPID={successor}\nREADY=1\nSTATUS=Serving, generation {next} (pid {successor})"
+            "MAINPID={successor}\nSTATUS=Serving, generation {next} (pid {successor})"
         ));
         if sent && !upstream.barrier(BARRIER_TIMEOUT).await {
             tracing::warn!(
@@ -64,6 +83,17 @@ impl Handoff {
                 "systemd did not confirm MAINPID= in time"
             );
         }
+    }
+
+    /// The successor died after the commit and this process took the sockets
+    /// back: it is the main process (it never stopped being one for systemd).
+    pub(crate) fn tell_taken_back(&self, reason: &str) {
+        *lock(&self.inner.last_failure) = Some(reason.to_owned());
+        let status = self.serving_status();
+        self.inner.upstream.send(&format!(
+            "MAINPID={}\nREADY=1\nSTATUS={status}",
+            self.inner.pid
+        ));
     }
 
     /// The upgrade failed: end the reload (`READY=1`; systemd has no way to

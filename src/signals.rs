@@ -7,7 +7,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinHandle;
 
 use crate::error::UpgradeError;
-use crate::upgrader::{Handoff, StopReason};
+use crate::handoff::{Handoff, StopReason};
 
 impl Handoff {
     /// Installs the standard handler and returns its task:
@@ -60,17 +60,56 @@ impl Handoff {
 
     fn on_hangup(&self) {
         let pid = self.inner.pid;
-        match self.begin_upgrade() {
+        match self.claim_upgrade(true) {
             Ok(ticket) => {
-                tokio::spawn(async move {
-                    // The outcome is logged and published by `run`.
-                    let _ = ticket.run().await;
-                });
+                // The outcome is logged and published by the upgrade task.
+                tokio::spawn(ticket.run());
+            }
+            Err(UpgradeError::NotReady) => {
+                tracing::info!(
+                    pid,
+                    "SIGHUP kept: the upgrade runs once this process serves"
+                );
+            }
+            Err(UpgradeError::AlreadyUpgraded { successor }) if self.in_probation() => {
+                let handoff = self.clone();
+                tokio::spawn(async move { handoff.pass_on_hangup(successor).await });
             }
             Err(reason @ (UpgradeError::InProgress | UpgradeError::AlreadyUpgraded { .. })) => {
                 tracing::info!(pid, %reason, "SIGHUP ignored");
             }
+            Err(reason @ (UpgradeError::Pid1 | UpgradeError::GenerationLimit { .. })) => {
+                // Never silent: this process can never upgrade as it runs.
+                tracing::error!(pid, %reason, "SIGHUP refused");
+                self.tell_upgrade_failed(&reason.to_string());
+                let _ = self.inner.events.send(crate::UpgradeEvent::Failed {
+                    error: std::sync::Arc::new(reason),
+                });
+            }
             Err(reason) => tracing::warn!(pid, %reason, "SIGHUP ignored"),
+        }
+    }
+
+    fn in_probation(&self) -> bool {
+        matches!(
+            self.inner.life.get().phase,
+            crate::lifecycle::Phase::HandedOver { .. }
+        )
+    }
+
+    /// A `SIGHUP` for a process that handed over but is still systemd's main
+    /// process (its probation runs): the request is for the service, so the
+    /// probation ends, systemd learns the successor's PID, and the successor
+    /// gets the signal (and upgrades, keeping it until it serves if need be).
+    async fn pass_on_hangup(&self, successor: u32) {
+        let pid = self.inner.pid;
+        self.inner.life.end_probation();
+        self.inner.life.finish_handover();
+        self.tell_handover(successor).await;
+        tracing::info!(pid, successor, "SIGHUP passed on to the successor");
+        let target = nix::unistd::Pid::from_raw(successor as i32);
+        if let Err(error) = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGHUP) {
+            tracing::warn!(pid, successor, %error, "cannot pass SIGHUP on to the successor");
         }
     }
 }

@@ -33,6 +33,9 @@ pub(crate) struct SpawnSpec<'a> {
     pub cwd: &'a Path,
     /// Fds to place at 3, 4, … with their names.
     pub fds: Vec<(&'a str, BorrowedFd<'a>)>,
+    /// One more fd, placed right after `fds` (at `3 + fds.len()`) and not
+    /// counted in `LISTEN_FDS`: the successor's end of the readiness channel.
+    pub channel: Option<BorrowedFd<'a>>,
     /// Variables to add to (or replace in) this process's environment.
     pub env: Vec<(&'static str, OsString)>,
     /// Start with `SIGHUP` ignored (a handoff successor installs its own
@@ -40,7 +43,7 @@ pub(crate) struct SpawnSpec<'a> {
     pub ignore_sighup: bool,
 }
 
-/// A started successor. Dropping it without [`Child::disown`] kills its
+/// A started successor. Dropping it before [`Child::commit`] kills its
 /// process group and reaps it.
 pub(crate) struct Child {
     pid: Pid,
@@ -115,7 +118,8 @@ fn prepare(spec: &SpawnSpec<'_>) -> io::Result<Prepared> {
     }
     envp.push(std::ptr::null());
 
-    let sources: Vec<RawFd> = spec.fds.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+    let mut sources: Vec<RawFd> = spec.fds.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+    sources.extend(spec.channel.map(|fd| fd.as_raw_fd()));
     let scratch = vec![-1; sources.len()];
     Ok(Prepared {
         program,
@@ -167,7 +171,8 @@ unsafe fn exec_child(p: &mut Prepared, err_fd: RawFd) -> ! {
     }
 
     if count > 0 {
-        // LISTEN_PID: this process's PID, written into the pre-built entry.
+        // LISTEN_PID: this process's PID, written into the pre-built entry
+        // (only used when LISTEN_FDS is passed).
         let mut pid = libc::getpid() as u64;
         let mut digits = [0u8; PID_DIGITS];
         let mut n = 0;
@@ -234,6 +239,12 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> Result<Child, UpgradeError> {
         Err(e) => return Err(UpgradeError::io("cannot fork", e.into())),
     };
     drop(err_write);
+    // The child calls setpgid itself too; whichever runs first wins, and
+    // from here on the group exists, so a rollback can always kill it. (After
+    // the child's execve this fails with EACCES: it already did it.)
+    let _ = nix::unistd::setpgid(pid, pid);
+    // The pidfd before anything that can fail: from here on every error path
+    // kills the group and reaps the child (off this thread: see `Drop`).
     let mut child = Child { pid, pidfd: None };
     child.pidfd = Some(
         open_pidfd(pid.as_raw())
@@ -249,7 +260,6 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> Result<Child, UpgradeError> {
         .map_err(|e| UpgradeError::io("cannot read the exec status pipe", e))?;
     if let Ok(bytes) = <[u8; 4]>::try_from(buf.as_slice()) {
         let errno = i32::from_ne_bytes(bytes);
-        child.reap_now();
         let source = io::Error::from_raw_os_error(errno);
         let program = spec.program.to_path_buf();
         return Err(if errno == libc::ENOENT {
@@ -301,22 +311,31 @@ impl Child {
 
     /// Kills the child's whole process group (it and anything it started).
     pub(crate) fn kill_group(&self) {
-        // While the child is not yet reaped its PID, and so the group ID,
-        // cannot be reused, so this cannot hit an unrelated group.
-        if let Err(e) = killpg(self.pid, Signal::SIGKILL) {
-            if e != nix::errno::Errno::ESRCH {
-                tracing::warn!(pid = self.pid.as_raw(), error = %e, "cannot kill the new process group");
-            }
-        }
+        self.signal_group(Signal::SIGKILL);
     }
 
-    /// Kills the group and waits for the child. Blocks only as long as the
-    /// kernel takes to deliver SIGKILL.
-    fn reap_now(&mut self) -> Option<WaitStatus> {
-        self.kill_group();
+    /// Whether the process has exited (without waiting).
+    pub(crate) fn has_exited(&self) -> bool {
+        let Some(pidfd) = &self.pidfd else {
+            return false;
+        };
+        let mut poll = libc::pollfd {
+            fd: pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; timeout 0 never blocks.
+        unsafe { libc::poll(&mut poll, 1, 0) > 0 && poll.revents & libc::POLLIN != 0 }
+    }
+
+    /// Reaps a child whose pidfd reported its exit: `waitpid` returns at once.
+    pub(crate) async fn reap(mut self) -> Option<WaitStatus> {
+        self.exited().await;
         self.pidfd = None;
+        let pid = self.pid;
+        std::mem::forget(self);
         loop {
-            match waitpid(self.pid, None) {
+            match waitpid(pid, None) {
                 Err(nix::errno::Errno::EINTR) => continue,
                 Ok(status) => return Some(status),
                 Err(_) => return None,
@@ -324,11 +343,31 @@ impl Child {
         }
     }
 
-    /// Kills the group, reaps the child and returns how it ended.
-    pub(crate) fn kill_and_reap(mut self) -> Option<WaitStatus> {
-        let status = self.reap_now();
-        std::mem::forget(self);
-        status
+    /// Rolls the child back: `SIGTERM` to its group, so whatever it accepted
+    /// can be answered, then `SIGKILL` after `grace`; then reaps it and
+    /// returns how it ended.
+    pub(crate) async fn terminate(self, grace: std::time::Duration) -> Option<WaitStatus> {
+        self.signal_group(Signal::SIGTERM);
+        if tokio::time::timeout(grace, self.exited()).await.is_err() {
+            tracing::warn!(
+                pid = self.pid(),
+                grace_ms = grace.as_millis() as u64,
+                "the new process did not exit after SIGTERM; killing it"
+            );
+        }
+        // Anything the group started and left behind goes too.
+        self.kill_group();
+        self.reap().await
+    }
+
+    fn signal_group(&self, signal: Signal) {
+        // While the child is not yet reaped its PID, and so the group ID,
+        // cannot be reused, so this cannot hit an unrelated group.
+        if let Err(e) = killpg(self.pid, signal) {
+            if e != nix::errno::Errno::ESRCH {
+                tracing::warn!(pid = self.pid.as_raw(), error = %e, "cannot signal the new process group");
+            }
+        }
     }
 
     /// Hands the child over to a caller that reaps with `waitpid(-1)` itself
@@ -339,25 +378,64 @@ impl Child {
         std::mem::forget(self);
         pid
     }
+}
 
-    /// Lets the child run on; a background task reaps it whenever it exits, so
-    /// it never lingers as this process's zombie.
-    pub(crate) fn disown(mut self) {
-        let pidfd = self.pidfd.take();
+/// A successor after the commit point: watched through its pidfd, never
+/// killed by this process (dropping it only closes the pidfd).
+pub(crate) struct Successor {
+    pid: Pid,
+    pidfd: AsyncFd<OwnedFd>,
+}
+
+impl Child {
+    /// The commit point: from here on this process never kills the child.
+    pub(crate) fn commit(mut self) -> Option<Successor> {
+        let pidfd = self.pidfd.take()?;
         let pid = self.pid;
         std::mem::forget(self);
-        tokio::spawn(async move {
-            if let Some(pidfd) = pidfd {
-                let _ = pidfd.readable().await;
+        Some(Successor { pid, pidfd })
+    }
+}
+
+impl Successor {
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid.as_raw() as u32
+    }
+
+    /// Resolves once the successor exited, and reaps it (the wait returns at
+    /// once then); returns how it ended.
+    pub(crate) async fn exited(&self) -> Option<WaitStatus> {
+        match self.pidfd.readable().await {
+            Ok(mut guard) => guard.retain_ready(),
+            Err(_) => std::future::pending().await,
+        }
+        loop {
+            match waitpid(self.pid, None) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                Ok(status) => return Some(status),
+                Err(_) => return None,
             }
-            let _ = tokio::task::spawn_blocking(move || waitpid(pid, None)).await;
-        });
+        }
     }
 }
 
 impl Drop for Child {
+    /// Kills the group and reaps the child without ever blocking the caller
+    /// (which may hold a lock): the wait runs on a thread of its own.
     fn drop(&mut self) {
-        self.reap_now();
+        self.kill_group();
+        self.pidfd = None;
+        let pid = self.pid;
+        let wait = move || loop {
+            match waitpid(pid, None) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                _ => return,
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(wait)),
+            Err(_) => drop(std::thread::spawn(wait)),
+        }
     }
 }
 

@@ -1,19 +1,26 @@
-//! The upgrade itself: one at a time, start the successor with every
-//! registered fd, wait for `READY=1` from exactly that process, its exit, or
-//! the deadline; then either hand over or roll back.
+//! The upgrade itself, run in a task of its own that callers only observe:
+//! start the successor with every registered fd, wait for `READY=1` from
+//! exactly that process, its exit, a stop or the deadline; then commit or
+//! roll back. After the commit the same task watches the successor until
+//! this process exits, and takes the sockets back if the successor dies.
 
 use std::ffi::OsString;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
-use tokio::sync::broadcast;
+use nix::sys::wait::WaitStatus;
+use tokio::sync::{broadcast, oneshot};
 
+use crate::channel::{self, Channel};
 use crate::env::{
-    HANDOFF_GENERATION, HANDOFF_NOTIFY_UPSTREAM, HANDOFF_SOCKET_PATHS, NOTIFY_SOCKET,
+    Escaped, HANDOFF_CHANNEL_FD, HANDOFF_GENERATION, HANDOFF_NOTIFY_UPSTREAM, HANDOFF_SOCKET_PATHS,
+    LISTEN_FDS_START, MAX_GENERATION,
 };
 use crate::error::UpgradeError;
-use crate::notify::NotifyListener;
-use crate::spawn::{exit_error, spawn, SpawnSpec};
-use crate::upgrader::{lock, Handoff, State, StopReason};
+use crate::handoff::{lock, Handoff};
+use crate::lifecycle::Phase;
+use crate::spawn::{exit_error, spawn, Child, SpawnSpec, Successor};
 
 /// What happened to an upgrade, as told to [`Handoff::upgrade_events`] subscribers.
 #[derive(Debug, Clone)]
@@ -33,6 +40,14 @@ pub enum UpgradeEvent {
         /// Why.
         error: Arc<UpgradeError>,
     },
+    /// The successor died after taking over; this process took the sockets
+    /// back and serves again.
+    RolledBack {
+        /// The successor that died.
+        successor: u32,
+        /// How it died, and when.
+        reason: String,
+    },
 }
 
 /// The right to run the one upgrade in flight. Dropping it without running it
@@ -40,7 +55,7 @@ pub enum UpgradeEvent {
 #[must_use = "an upgrade ticket does nothing unless run"]
 pub struct UpgradeTicket {
     handoff: Handoff,
-    done: bool,
+    started: bool,
 }
 
 impl Handoff {
@@ -48,6 +63,10 @@ impl Handoff {
     /// resolves with its PID once it is ready, after which
     /// [`stopping`](Self::stopping) resolves in this process. On failure this
     /// process keeps serving and may try again.
+    ///
+    /// Cancel-safe: the upgrade runs in a task of its own, so dropping this
+    /// future (a timeout around it, a `select!`) changes nothing about its
+    /// outcome; the events still report it.
     ///
     /// ```no_run
     /// # async fn f(handoff: handoff::Handoff) {
@@ -73,29 +92,39 @@ impl Handoff {
     /// # }
     /// ```
     pub fn begin_upgrade(&self) -> Result<UpgradeTicket, UpgradeError> {
-        if self.is_stopping() {
-            if let Some(successor) = self.handed_over() {
-                return Err(UpgradeError::AlreadyUpgraded { successor });
-            }
-            return Err(UpgradeError::Stopping);
+        self.claim_upgrade(false)
+    }
+
+    /// [`begin_upgrade`](Self::begin_upgrade); with `keep_if_early`, a
+    /// request that comes before the process serves is kept and run then.
+    pub(crate) fn claim_upgrade(&self, keep_if_early: bool) -> Result<UpgradeTicket, UpgradeError> {
+        if self.inner.pid == 1 {
+            return Err(UpgradeError::Pid1);
         }
-        let mut state = lock(&self.inner.state);
-        match *state {
-            State::Starting | State::Readying => Err(UpgradeError::NotReady),
-            State::Upgrading => Err(UpgradeError::InProgress),
-            State::HandedOver { successor } => Err(UpgradeError::AlreadyUpgraded { successor }),
-            State::Serving => {
-                *state = State::Upgrading;
-                Ok(UpgradeTicket {
-                    handoff: self.clone(),
-                    done: false,
-                })
-            }
+        if self.inner.generation >= MAX_GENERATION {
+            return Err(UpgradeError::GenerationLimit {
+                generation: self.inner.generation,
+            });
+        }
+        self.inner.life.begin_upgrade(keep_if_early)?;
+        Ok(UpgradeTicket {
+            handoff: self.clone(),
+            started: false,
+        })
+    }
+
+    /// Runs the upgrade a kept `SIGHUP` asked for; its outcome is logged and
+    /// published by the upgrade task.
+    pub(crate) fn start_upgrade_in_background(&self) {
+        match self.begin_upgrade() {
+            Ok(ticket) => drop(ticket.start()),
+            Err(reason) => tracing::warn!(pid = self.inner.pid, %reason, "upgrade not started"),
         }
     }
 
-    /// Subscribes to upgrade events (started, succeeded, failed), for logging
-    /// or reporting. Events sent before subscribing are not replayed.
+    /// Subscribes to upgrade events (started, succeeded, failed, rolled
+    /// back), for logging or reporting. Events sent before subscribing are
+    /// not replayed.
     ///
     /// ```no_run
     /// # async fn f(handoff: handoff::Handoff) {
@@ -111,68 +140,110 @@ impl Handoff {
 }
 
 impl UpgradeTicket {
-    /// Runs the upgrade this ticket was issued for.
-    pub async fn run(mut self) -> Result<u32, UpgradeError> {
-        let handoff = self.handoff.clone();
-        let inner = &handoff.inner;
-        let _ = inner.events.send(UpgradeEvent::Started {
-            generation: inner.generation,
-        });
-        handoff.tell_upgrading();
-        let result = attempt(&handoff).await;
-        self.done = true;
-        match &result {
-            Ok(successor) => {
-                *lock(&inner.state) = State::HandedOver {
-                    successor: *successor,
-                };
-                lock(&inner.registry).release();
-                tracing::info!(
-                    pid = inner.pid,
-                    generation = inner.generation,
-                    successor,
-                    "upgrade succeeded"
-                );
-                inner
-                    .upgrades_done
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                // Before this process stops accepting and drains: systemd
-                // must know its new main process first.
-                handoff.tell_handover(*successor).await;
-                let _ = inner.events.send(UpgradeEvent::Succeeded {
-                    successor: *successor,
-                });
-                handoff.request_stop(StopReason::Upgraded {
-                    successor: *successor,
-                });
-            }
-            Err(error) => {
-                *lock(&inner.state) = State::Serving;
-                tracing::error!(pid = inner.pid, generation = inner.generation, %error, "upgrade failed; still serving");
-                inner
-                    .upgrades_failed
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                handoff.tell_upgrade_failed(&error.to_string());
-                let error = Arc::new(error.clone());
-                let _ = inner.events.send(UpgradeEvent::Failed { error });
-            }
-        }
-        result
+    /// Runs the upgrade this ticket was issued for, in a task of its own; the
+    /// returned future only waits for the outcome.
+    pub async fn run(self) -> Result<u32, UpgradeError> {
+        let outcome = self.start();
+        outcome.await.unwrap_or(Err(UpgradeError::Stopping))
+    }
+
+    fn start(mut self) -> oneshot::Receiver<Result<u32, UpgradeError>> {
+        self.started = true;
+        let (reply, outcome) = oneshot::channel();
+        tokio::spawn(drive(self.handoff.clone(), reply));
+        outcome
     }
 }
 
 impl Drop for UpgradeTicket {
     fn drop(&mut self) {
-        if !self.done {
-            let mut state = lock(&self.handoff.inner.state);
-            if *state == State::Upgrading {
-                *state = State::Serving;
-            }
+        if !self.started {
+            self.handoff.inner.life.abort_upgrade();
         }
     }
 }
 
-async fn attempt(handoff: &Handoff) -> Result<u32, UpgradeError> {
+/// The upgrade task: attempt, then commit or roll back, then watch.
+async fn drive(handoff: Handoff, reply: oneshot::Sender<Result<u32, UpgradeError>>) {
+    let inner = &handoff.inner;
+    let _ = inner.events.send(UpgradeEvent::Started {
+        generation: inner.generation,
+    });
+    handoff.tell_upgrading();
+    let (successor, parent) = match attempt(&handoff).await {
+        Ok(ready) => ready,
+        Err(error) => return failed(&handoff, error, reply),
+    };
+    let pid = successor.pid();
+    if !inner.life.commit(pid) {
+        // A stop won the race with the commit: the successor must go.
+        let status = successor.terminate(inner.kill_grace).await;
+        tracing::debug!(
+            successor = pid,
+            ?status,
+            "stopped the successor of a stopping process"
+        );
+        return failed(&handoff, UpgradeError::Cancelled { pid }, reply);
+    }
+    let Some(successor) = successor.commit() else {
+        return failed(
+            &handoff,
+            UpgradeError::io(
+                "lost the new process's pidfd",
+                std::io::ErrorKind::Other.into(),
+            ),
+            reply,
+        );
+    };
+    if let Err(error) = parent.send(channel::COMMITTED) {
+        // It died just now; the watch below sees its exit and takes back.
+        tracing::warn!(successor = pid, %error, "cannot tell the successor it took over");
+    }
+    // This process, if a successor itself, is no longer its parent's safety net.
+    if let Some(up) = inner.parent_channel.get() {
+        let _ = up.send(channel::HANDED_OVER);
+    }
+    inner.upgrades_done.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(
+        pid = inner.pid,
+        generation = inner.generation,
+        successor = pid,
+        probation_ms = inner.probation.as_millis() as u64,
+        "upgrade succeeded"
+    );
+    handoff.tell_committed(pid);
+    let _ = inner
+        .events
+        .send(UpgradeEvent::Succeeded { successor: pid });
+    let _ = reply.send(Ok(pid));
+    watch(&handoff, successor, parent).await;
+}
+
+fn failed(
+    handoff: &Handoff,
+    error: UpgradeError,
+    reply: oneshot::Sender<Result<u32, UpgradeError>>,
+) {
+    let inner = &handoff.inner;
+    inner.life.abort_upgrade();
+    if matches!(error, UpgradeError::Cancelled { .. }) {
+        tracing::warn!(pid = inner.pid, generation = inner.generation, %error, "upgrade abandoned");
+    } else {
+        tracing::error!(pid = inner.pid, generation = inner.generation, %error, "upgrade failed; still serving");
+        handoff.tell_upgrade_failed(&error.to_string());
+    }
+    inner.upgrades_failed.fetch_add(1, Ordering::Relaxed);
+    let error = Arc::new(error);
+    let _ = inner.events.send(UpgradeEvent::Failed {
+        error: error.clone(),
+    });
+    let _ = reply.send(Err((*error).clone()));
+}
+
+/// Starts the successor and waits until it is ready. On any failure the
+/// successor is stopped (`SIGTERM`, then `SIGKILL` after the grace) and reaped,
+/// and the PID file names this process again.
+async fn attempt(handoff: &Handoff) -> Result<(Child, Channel), UpgradeError> {
     let inner = &handoff.inner;
     let program = inner.program.clone().ok_or_else(|| {
         UpgradeError::io(
@@ -183,21 +254,21 @@ async fn attempt(handoff: &Handoff) -> Result<u32, UpgradeError> {
             ),
         )
     })?;
-    let listener = NotifyListener::bind()
-        .map_err(|e| UpgradeError::io("cannot create the private notify socket", e))?;
-    let mut env: Vec<(&'static str, OsString)> = vec![
-        (
-            HANDOFF_GENERATION,
-            (inner.generation + 1).to_string().into(),
-        ),
-        (NOTIFY_SOCKET, listener.addr().to_string().into()),
-    ];
+    let (parent, theirs) =
+        Channel::pair().map_err(|e| UpgradeError::io("cannot create the readiness channel", e))?;
+    let next = inner.generation + 1; // below MAX_GENERATION: checked in claim_upgrade
+    let mut env: Vec<(&'static str, OsString)> =
+        vec![(HANDOFF_GENERATION, next.to_string().into())];
     if let Some(upstream) = inner.upstream.addr() {
         env.push((HANDOFF_NOTIFY_UPSTREAM, upstream.to_string().into()));
     }
     tracing::info!(pid = inner.pid, generation = inner.generation, program = %program.display(), "upgrade started");
     let child = {
+        // Only fork and exec run under the lock: no wait ever does.
         let registry = lock(&inner.registry);
+        let fds = registry.handoff_fds();
+        let channel_fd = LISTEN_FDS_START + fds.len() as i32;
+        env.push((HANDOFF_CHANNEL_FD, channel_fd.to_string().into()));
         if let Some(paths) = registry.socket_paths() {
             env.push((HANDOFF_SOCKET_PATHS, paths.into()));
         }
@@ -205,11 +276,14 @@ async fn attempt(handoff: &Handoff) -> Result<u32, UpgradeError> {
             program: &program,
             args: &inner.args,
             cwd: &inner.cwd,
-            fds: registry.handoff_fds(),
+            fds,
+            channel: Some(std::os::fd::AsFd::as_fd(&theirs)),
             env,
             ignore_sighup: true,
-        })?
+        })
     };
+    drop(theirs);
+    let child = child?;
     let pid = child.pid();
     tracing::info!(
         pid = inner.pid,
@@ -220,41 +294,160 @@ async fn attempt(handoff: &Handoff) -> Result<u32, UpgradeError> {
 
     let deadline = tokio::time::sleep(inner.upgrade_timeout);
     tokio::pin!(deadline);
+    let mut channel_open = true;
     let outcome = loop {
+        let message = async {
+            if channel_open {
+                parent.recv().await
+            } else {
+                std::future::pending().await
+            }
+        };
         tokio::select! {
-            message = listener.recv() => match message {
-                Ok(message) if message.pid == Some(pid) => {
-                    if message.has("READY=1") {
-                        break Ok(pid);
-                    }
-                    tracing::debug!(successor = pid, text = %message.text, "notify message from successor");
-                }
-                Ok(message) => {
-                    tracing::warn!(sender = ?message.pid, successor = pid, "ignoring a notify message from another process");
-                }
-                Err(e) => break Err(UpgradeError::io("cannot read the private notify socket", e)),
-            },
+            // Exit first: a successor that exits as it says READY=1 must not
+            // be committed.
+            biased;
             () = child.exited() => {
-                let status = child.kill_and_reap();
+                let status = child.reap().await;
                 return Err(restore_pid_file(handoff, pid, exit_error(pid, status)));
             }
+            _ = inner.life.wait(|l| matches!(l.phase, Phase::Stopping { .. })) => {
+                break UpgradeError::Cancelled { pid };
+            }
             () = &mut deadline => {
-                break Err(UpgradeError::Timeout { pid, timeout: inner.upgrade_timeout });
+                break UpgradeError::Timeout { pid, timeout: inner.upgrade_timeout };
             }
-            () = inner.stop.cancelled() => {
-                break Err(UpgradeError::Cancelled { pid });
-            }
+            message = message => match message {
+                Ok(Some(message)) if message.pid != Some(pid) => {
+                    tracing::warn!(sender = ?message.pid, successor = pid, "ignoring a message from another process");
+                }
+                Ok(Some(message)) if message.problem.is_some() => {
+                    tracing::warn!(successor = pid, problem = message.problem.as_deref().unwrap_or(""), "ignoring a malformed message from the successor");
+                }
+                Ok(Some(message)) if message.has(channel::READY) => {
+                    if child.has_exited() {
+                        continue; // the exit arm reports it
+                    }
+                    return Ok((child, parent));
+                }
+                Ok(Some(message)) => {
+                    tracing::debug!(successor = pid, text = %Escaped(&message.text), "message from the successor");
+                }
+                Ok(None) => channel_open = false,
+                Err(error) => {
+                    tracing::warn!(successor = pid, %error, "cannot read the readiness channel");
+                    channel_open = false;
+                }
+            },
         }
     };
-    match outcome {
-        Ok(pid) => {
-            child.disown();
-            Ok(pid)
+    let status = child.terminate(inner.kill_grace).await;
+    tracing::debug!(successor = pid, ?status, "failed successor reaped");
+    Err(restore_pid_file(handoff, pid, outcome))
+}
+
+/// After the commit: the successor serves, this process drains. Until this
+/// process finishes, watch the successor; if it dies abnormally, take the
+/// sockets back. The probation timer and the successor's own handover end
+/// the probation (this process may then exit once drained).
+async fn watch(handoff: &Handoff, successor: Successor, parent: Channel) {
+    let inner = &handoff.inner;
+    let pid = successor.pid();
+    let committed = Instant::now();
+    let probation = tokio::time::sleep(inner.probation);
+    tokio::pin!(probation);
+    let (mut channel_open, mut probation_running) = (true, true);
+    loop {
+        let message = async {
+            if channel_open {
+                parent.recv().await
+            } else {
+                std::future::pending().await
+            }
+        };
+        tokio::select! {
+            status = successor.exited() => {
+                return successor_exited(handoff, pid, status, committed);
+            }
+            _ = inner.life.wait(|l| l.accepting()) => {
+                return; // taken back by another path: nothing left to watch
+            }
+            () = &mut probation, if probation_running => {
+                probation_running = false;
+                inner.life.end_probation();
+            }
+            message = message => match message {
+                Ok(Some(message)) if message.has(channel::HANDED_OVER) && message.pid == Some(pid) => {
+                    tracing::info!(pid = inner.pid, successor = pid, "the successor handed over in turn; probation over");
+                    inner.life.end_probation();
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => channel_open = false,
+            },
         }
-        Err(error) => {
-            child.kill_and_reap();
-            Err(restore_pid_file(handoff, pid, error))
+        if inner.life.get().successor().is_none() {
+            return;
         }
+    }
+}
+
+/// The successor exited while this process still runs.
+fn successor_exited(handoff: &Handoff, pid: u32, status: Option<WaitStatus>, since: Instant) {
+    let inner = &handoff.inner;
+    let life = inner.life.get();
+    let clean = matches!(status, Some(WaitStatus::Exited(_, 0)));
+    let how = describe(status);
+    match life.phase {
+        Phase::HandedOver { .. } if !clean => take_back(handoff, pid, &how, since),
+        Phase::HandedOver { .. } => {
+            // A clean exit is deliberate (it was stopped, or it handed over
+            // and drained): nothing to take back.
+            tracing::info!(
+                pid = inner.pid,
+                successor = pid,
+                "the successor exited cleanly; not taking back"
+            );
+            inner.life.finish_handover();
+            inner.life.successor_gone();
+            inner.life.end_probation();
+        }
+        _ => {
+            tracing::warn!(pid = inner.pid, successor = pid, exit = %how, "the successor exited while this process stops");
+            inner.life.successor_gone();
+        }
+    }
+}
+
+/// The take-back: this process serves again.
+fn take_back(handoff: &Handoff, successor: u32, how: &str, since: Instant) {
+    let inner = &handoff.inner;
+    if !inner.life.take_back() {
+        return;
+    }
+    let reason = format!(
+        "generation {} (pid {successor}) {how} {:.2}s after it took over",
+        inner.generation + 1,
+        since.elapsed().as_secs_f64()
+    );
+    if let Some(pid_file) = &inner.pid_file {
+        if let Err(e) = pid_file.write(inner.pid) {
+            tracing::error!(path = %pid_file.path().display(), error = %e, "cannot rewrite the PID file after the take-back");
+        }
+    }
+    inner.upgrades_failed.fetch_add(1, Ordering::Relaxed);
+    tracing::error!(pid = inner.pid, generation = inner.generation, successor, %reason, "the successor died; took the sockets back and serving again");
+    handoff.tell_taken_back(&reason);
+    let _ = inner
+        .events
+        .send(UpgradeEvent::RolledBack { successor, reason });
+}
+
+/// How a process ended, in words.
+fn describe(status: Option<WaitStatus>) -> String {
+    match status {
+        Some(WaitStatus::Exited(_, code)) => format!("exited with status {code}"),
+        Some(WaitStatus::Signaled(_, signal, _)) => format!("was killed by {}", signal.as_str()),
+        other => format!("ended ({other:?})"),
     }
 }
 

@@ -47,11 +47,19 @@ fn run(env: &[(&str, &str)], fd: Option<RawFd>, own_listen_pid: bool, args: &[&s
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    if let Some(fd) = fd {
-        // SAFETY: dup2 and fcntl are async-signal-safe and only touch the
-        // child's fd table.
-        unsafe {
-            command.pre_exec(move || {
+    // A real readiness channel where the variables say it is.
+    let channel_at: Option<RawFd> = env
+        .iter()
+        .find(|(k, _)| *k == "HANDOFF_CHANNEL_FD")
+        .and_then(|(_, v)| v.parse().ok())
+        // The test's own fd goes at 3: then it is what the channel must be.
+        .filter(|&at| !(at == 3 && fd.is_some()));
+    // SAFETY: fcntl, dup2, socketpair and close are async-signal-safe and
+    // only touch the child's fd table.
+    unsafe {
+        command.pre_exec(move || {
+            let failed = || Err(std::io::Error::last_os_error());
+            if let Some(fd) = fd {
                 // dup2(3, 3) would keep FD_CLOEXEC: clear it instead.
                 let rc = if fd == 3 {
                     libc::fcntl(3, libc::F_SETFD, 0)
@@ -59,16 +67,31 @@ fn run(env: &[(&str, &str)], fd: Option<RawFd>, own_listen_pid: bool, args: &[&s
                     libc::dup2(fd, 3)
                 };
                 if rc < 0 {
-                    return Err(std::io::Error::last_os_error());
+                    return failed();
                 }
-                Ok(())
-            });
-        }
+            }
+            // After fd 3 is placed, so the pair cannot land on it.
+            if let Some(at) = channel_at {
+                let mut pair = [-1; 2];
+                if libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, pair.as_mut_ptr()) < 0
+                    || libc::dup2(pair[0], at) < 0
+                {
+                    return failed();
+                }
+                if pair[0] != at {
+                    libc::close(pair[0]);
+                }
+            }
+            Ok(())
+        });
     }
     let child = spawn_retrying(&mut command);
     let pid = child.id();
     let mut guard = Guard(Some(child));
-    assert!(wait_exit_keep(pid), "http_server did not exit on bad input");
+    assert!(
+        wait_exit_keep(pid),
+        "http_server did not exit on bad input {env:?}"
+    );
     guard
         .0
         .take()
@@ -122,18 +145,30 @@ fn assert_refused(output: &Output, var: &str, detail: &str) {
     );
 }
 
-const SUCCESSOR: [(&str, &str); 2] = [
-    ("HANDOFF_GENERATION", "2"),
-    ("NOTIFY_SOCKET", "@handoff-bad-input-test"),
-];
+const SUCCESSOR: [(&str, &str); 1] = [("HANDOFF_GENERATION", "2")];
 
-fn successor_with(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
-    let mut env: Vec<_> = SUCCESSOR.to_vec();
+/// A successor's variables with `extra` over them; the readiness channel is
+/// at its place (right after the `LISTEN_FDS` fds) unless `extra` says otherwise.
+fn successor_with(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, String)> {
+    let mut env: Vec<(&'static str, String)> = SUCCESSOR
+        .iter()
+        .map(|(k, v)| (*k, (*v).to_owned()))
+        .collect();
+    let fds: usize = extra
+        .iter()
+        .find(|(k, _)| *k == "LISTEN_FDS")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    env.push(("HANDOFF_CHANNEL_FD", (3 + fds).to_string()));
     for (key, value) in extra {
         env.retain(|(k, _)| k != key);
-        env.push((key, value));
+        env.push((key, (*value).to_owned()));
     }
     env
+}
+
+fn as_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
 }
 
 /// One malformed environment: extra variables over a successor's, whether
@@ -159,9 +194,15 @@ const CASES: &[Case] = &[
         detail: "at least 2",
     },
     Case {
-        env: &[("NOTIFY_SOCKET", "relative/path")],
+        env: &[("HANDOFF_CHANNEL_FD", "9")],
         own_listen_pid: false,
-        var: "NOTIFY_SOCKET",
+        var: "HANDOFF_CHANNEL_FD",
+        detail: "follows the 0 passed fds",
+    },
+    Case {
+        env: &[("HANDOFF_NOTIFY_UPSTREAM", "relative/path")],
+        own_listen_pid: false,
+        var: "HANDOFF_NOTIFY_UPSTREAM",
         detail: "absolute path",
     },
     Case {
@@ -225,7 +266,7 @@ const ACTIVATION_CASES: &[Case] = &[
 fn garbage_in_each_handoff_variable_is_named() {
     for case in CASES {
         let output = run(
-            &successor_with(case.env),
+            &as_refs(&successor_with(case.env)),
             None,
             case.own_listen_pid,
             &["--listen", "127.0.0.1:0"],
@@ -242,9 +283,14 @@ fn garbage_in_each_handoff_variable_is_named() {
         );
         assert_refused(&output, case.var, case.detail);
     }
-    // A successor without its parent's notify socket.
+    // A successor without its parent's readiness channel.
     let output = run(&[("HANDOFF_GENERATION", "2")], None, false, &[]);
-    assert_refused(&output, "NOTIFY_SOCKET", "missing");
+    assert_refused(&output, "HANDOFF_CHANNEL_FD", "missing");
+    // The channel's fd is something else: a file.
+    let file = std::fs::File::open("/dev/null").unwrap();
+    let env = [("HANDOFF_GENERATION", "2"), ("HANDOFF_CHANNEL_FD", "3")];
+    let output = run(&env, Some(file.as_raw_fd()), false, &[]);
+    assert_refused(&output, "HANDOFF_CHANNEL_FD", "is not a socket");
 }
 
 const NAMES_40: &str = "a0:a1:a2:a3:a4:a5:a6:a7:a8:a9:b0:b1:b2:b3:b4:b5:b6:b7:b8:b9:c0:c1:c2:c3:c4:c5:c6:c7:c8:c9:d0:d1:d2:d3:d4:d5:d6:d7:d8:d9";
@@ -252,6 +298,7 @@ const NAMES_40: &str = "a0:a1:a2:a3:a4:a5:a6:a7:a8:a9:b0:b1:b2:b3:b4:b5:b6:b7:b8
 #[test]
 fn an_fd_that_is_not_what_its_name_claims_is_refused() {
     let env = successor_with(&[("LISTEN_FDS", "1"), ("LISTEN_FDNAMES", "http0")]);
+    let env = as_refs(&env);
     let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
     let output = run(
         &env,

@@ -162,6 +162,9 @@ fn run_bare() -> Result<ExitCode, Box<dyn Error>> {
             "stopping pid={pid} generation={generation} reason={:?} connections=0",
             reason.to_string()
         ));
+        // Before exiting: wait out the probation and hand the service over. This
+        // example does not accept again after a take-back (see Handoff::serve).
+        let _ = handoff.finish().await;
         say(format_args!(
             "exit pid={pid} generation={generation} cut=0 waited_ms=0"
         ));

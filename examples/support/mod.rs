@@ -12,10 +12,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use handoff::{ConnectionGuard, Drain, Handoff, UpgradeEvent};
-use tokio::net::{TcpListener, TcpStream};
+use handoff::{ConnectionGuard, Drain, Handoff, ServeEvent, UpgradeEvent};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 /// Flags every example takes besides `--listen`.
 #[derive(clap::Args, Debug)]
@@ -37,6 +36,49 @@ pub struct Flags {
     /// listener closes. (Not after an upgrade: the successor serves.)
     #[arg(long, value_name = "SECS", default_value = "0", value_parser = secs)]
     pub drain_delay: Duration,
+    /// After handing over, stay alive at least this many seconds to take the
+    /// sockets back if the new process dies.
+    #[arg(long, value_name = "SECS", default_value = "1", value_parser = secs)]
+    pub probation: Duration,
+}
+
+/// A fault the tests inject into a new version (a real crash, a real hang),
+/// from `HANDOFF_DEMO_FAULT`; removed from the environment once read, so the
+/// faulty process's own successors run clean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    None,
+    /// Exit with status 3 after claiming the listeners, before `ready()`.
+    ExitBeforeReady,
+    /// `abort()` this many ms after `ready()` (a panic on the first request).
+    AbortAfterReady(u64),
+    /// Wait this many ms before calling `ready()`.
+    SlowReady(u64),
+    /// Never call `ready()`.
+    NeverReady,
+}
+
+impl Fault {
+    pub fn take() -> Fault {
+        let Some(value) = std::env::var_os("HANDOFF_DEMO_FAULT") else {
+            return Fault::None;
+        };
+        std::env::remove_var("HANDOFF_DEMO_FAULT");
+        let value = value.to_string_lossy().into_owned();
+        let ms = |prefix: &str| value.strip_prefix(prefix).and_then(|v| v.parse().ok());
+        if value == "exit-before-ready" {
+            Fault::ExitBeforeReady
+        } else if value == "never-ready" {
+            Fault::NeverReady
+        } else if let Some(ms) = ms("abort-after-ready=") {
+            Fault::AbortAfterReady(ms)
+        } else if let Some(ms) = ms("slow-ready=") {
+            Fault::SlowReady(ms)
+        } else {
+            eprintln!("ignoring unknown HANDOFF_DEMO_FAULT={value:?}");
+            Fault::None
+        }
+    }
 }
 
 /// Prints one event line on stdout. Errors (a closed stdout) are ignored:
@@ -79,11 +121,20 @@ where
     S: Fn(TcpStream, ConnectionGuard) -> F + Clone + Send + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
-    let builder = Handoff::builder().upgrade_timeout(flags.upgrade_timeout);
+    let builder = Handoff::builder()
+        .upgrade_timeout(flags.upgrade_timeout)
+        .probation(flags.probation);
     let pid_file = flags.pid_file.clone();
     main_with(name, 2, builder, pid_file, |handoff| async move {
         lifecycle(name, handoff, listen, &flags, make_serve).await
     })
+}
+
+static FAULT: std::sync::OnceLock<Fault> = std::sync::OnceLock::new();
+
+/// The fault injected into this process, if any.
+pub fn fault() -> Fault {
+    *FAULT.get().unwrap_or(&Fault::None)
 }
 
 /// An example's `main`: logging; the `Handoff` built before any thread starts
@@ -101,6 +152,7 @@ where
     Fut: Future<Output = Result<ExitCode, Box<dyn std::error::Error>>>,
 {
     init_logging();
+    FAULT.get_or_init(Fault::take);
     if let Some(path) = pid_file {
         builder = builder.pid_file(path);
     }
@@ -134,39 +186,9 @@ where
     let reporter = Reporter::start(&handoff);
     let drain = Drain::new();
     let serve = make_serve(&handoff, &drain);
-    // When to stop accepting: at once after an upgrade; after --drain-delay
-    // (the lame duck) on a stop signal, unless a second one comes.
-    let stop_accepting = CancellationToken::new();
-    {
-        let (handoff, stop_accepting, delay) =
-            (handoff.clone(), stop_accepting.clone(), flags.drain_delay);
-        tokio::spawn(async move {
-            let reason = handoff.stopping().await;
-            if !matches!(reason, handoff::StopReason::Upgraded { .. }) && !delay.is_zero() {
-                say(format_args!(
-                    "lame-duck pid={} delay_ms={}",
-                    std::process::id(),
-                    delay.as_millis()
-                ));
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = handoff.forced() => {}
-                }
-            }
-            stop_accepting.cancel();
-        });
-    }
     let mut addrs = Vec::new();
-    let mut accepting = Vec::new();
-    for listener in listeners {
+    for listener in &listeners {
         addrs.push(listener.local_addr()?.to_string());
-        let task = accept_loop(
-            listener,
-            stop_accepting.clone(),
-            drain.clone(),
-            serve.clone(),
-        );
-        accepting.push(tokio::spawn(task));
     }
     say(format_args!(
         "listening pid={pid} generation={generation} addrs={}",
@@ -175,20 +197,44 @@ where
     if let Some(path) = &flags.control {
         handoff.serve_control(path, Some(drain.clone()))?;
     }
+    match fault() {
+        Fault::ExitBeforeReady => std::process::exit(3),
+        Fault::NeverReady => std::future::pending::<()>().await,
+        Fault::SlowReady(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+        Fault::AbortAfterReady(_) | Fault::None => {}
+    }
     handoff.ready()?;
     say(format_args!("ready pid={pid} generation={generation}"));
-
-    let reason = handoff.stopping().await;
-    stop_accepting.cancelled().await;
-    for task in accepting {
-        task.await?;
+    if let Fault::AbortAfterReady(ms) = fault() {
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            std::process::abort();
+        });
     }
-    say(format_args!(
-        "stopping pid={pid} generation={generation} reason={:?} connections={}",
-        reason.to_string(),
-        drain.active()
-    ));
-    let report = handoff.drain(&drain, flags.drain_timeout).await;
+    let observed = drain.clone();
+    let report = handoff::Serve::new(&handoff)
+        .drain(drain.clone())
+        .drain_timeout(flags.drain_timeout)
+        .drain_delay(flags.drain_delay)
+        .on_event(move |event| match event {
+            ServeEvent::LameDuck { delay } => say(format_args!(
+                "lame-duck pid={pid} delay_ms={}",
+                delay.as_millis()
+            )),
+            ServeEvent::StoppedAccepting {
+                reason,
+                connections,
+            } => say(format_args!(
+                "stopping pid={pid} generation={generation} reason={:?} connections={connections}",
+                reason.to_string()
+            )),
+            ServeEvent::Resumed => say(format_args!(
+                "resumed pid={pid} generation={generation} connections={}",
+                observed.active()
+            )),
+        })
+        .run(listeners, serve)
+        .await;
     reporter.finish().await;
     say(format_args!(
         "exit pid={pid} generation={generation} cut={} waited_ms={}",
@@ -200,30 +246,6 @@ where
     } else {
         ExitCode::FAILURE
     })
-}
-
-/// Accepts until this process must stop, then drops (closes) its listener fd.
-async fn accept_loop<S, F>(listener: TcpListener, stop: CancellationToken, drain: Drain, serve: S)
-where
-    S: Fn(TcpStream, ConnectionGuard) -> F,
-    F: Future<Output = ()> + Send + 'static,
-{
-    loop {
-        tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(serve(stream, drain.track()));
-                }
-                Err(error) => {
-                    // Out of fds or memory: back off instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        }
-    }
 }
 
 /// Prints a line for every upgrade event of this process, until [`finish`](Reporter::finish).
@@ -276,6 +298,9 @@ fn print_event(pid: u32, generation: u64, event: &UpgradeEvent) {
         UpgradeEvent::Failed { error } => say(format_args!(
             "upgrade failed pid={pid} generation={generation} error={:?}",
             error.to_string()
+        )),
+        UpgradeEvent::RolledBack { successor, reason } => say(format_args!(
+            "upgrade rolled-back pid={pid} generation={generation} successor={successor} reason={reason:?}"
         )),
     }
 }

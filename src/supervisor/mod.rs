@@ -25,8 +25,8 @@ use crate::notify::{monotonic_usec, NotifyListener};
 pub use crate::readiness::{parse_duration, Ready};
 
 mod config;
+use crate::handoff::lock;
 use crate::spawn::{resolve_program, spawn, SpawnSpec};
-use crate::upgrader::lock;
 use crate::Handoff;
 pub use config::{Config, Listen};
 
@@ -235,6 +235,7 @@ impl Supervisor {
             args: &self.config.command,
             cwd: &self.cwd,
             fds: registry.handoff_fds(),
+            channel: None,
             env: vec![(NOTIFY_SOCKET, self.notify_addr.clone().into())],
             ignore_sighup: false,
         })

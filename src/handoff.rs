@@ -1,25 +1,34 @@
 //! [`Handoff`]: what this process is (fresh, socket-activated or a successor),
-//! its lifecycle (starting, serving, upgrading, handed over, stopping), and
-//! `ready()`.
+//! its configuration, `ready()`, stopping and exiting. The lifecycle itself
+//! is owned by [`Lifecycle`](crate::lifecycle::Lifecycle).
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use std::os::fd::OwnedFd;
+
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use crate::env::{self, StartMode};
+use crate::channel::{self, Channel};
+use crate::env::{self, Escaped, StartMode};
 use crate::error::Error;
 use crate::fds::Registry;
-use crate::notify::{NotifyAddr, Upstream};
+use crate::lifecycle::{Lifecycle, Phase};
+use crate::notify::Upstream;
 use crate::pidfile::PidFile;
 use crate::spawn::resolve_program;
 use crate::upgrade::UpgradeEvent;
 
 /// The default time a successor has to become ready.
 pub const DEFAULT_UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The default probation: how long a process that handed over stays alive at
+/// least, to take the sockets back if its successor dies.
+pub const DEFAULT_PROBATION: Duration = Duration::from_secs(1);
+/// The default grace between `SIGTERM` and `SIGKILL` for a failed successor.
+pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(2);
 
 /// Configures a [`Handoff`].
 ///
@@ -36,6 +45,8 @@ pub const DEFAULT_UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Builder {
     pid_file: Option<PathBuf>,
     upgrade_timeout: Duration,
+    probation: Duration,
+    kill_grace: Duration,
     command: Option<(PathBuf, Vec<OsString>)>,
 }
 
@@ -51,6 +62,41 @@ impl Builder {
     /// the upgrade fails. Default: [`DEFAULT_UPGRADE_TIMEOUT`].
     pub fn upgrade_timeout(mut self, timeout: Duration) -> Self {
         self.upgrade_timeout = timeout;
+        self
+    }
+
+    /// After handing over, stay alive at least this long, watching the
+    /// successor: if it dies abnormally before this process exits (during the
+    /// probation or the drain, whichever is longer), this process takes the
+    /// sockets back and serves again. Under systemd the main PID passes to the
+    /// successor only when the probation ends, so the take-back never races
+    /// systemd. Default: [`DEFAULT_PROBATION`]; zero keeps only the drain.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), handoff::Error> {
+    /// let handoff = handoff::Handoff::builder()
+    ///     .probation(std::time::Duration::from_secs(5))
+    ///     .build()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn probation(mut self, probation: Duration) -> Self {
+        self.probation = probation;
+        self
+    }
+
+    /// How long a successor that failed (not ready in time, or abandoned)
+    /// gets after `SIGTERM` to finish what it accepted, before its process
+    /// group is killed. Default: [`DEFAULT_KILL_GRACE`].
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), handoff::Error> {
+    /// let handoff = handoff::Handoff::builder()
+    ///     .kill_grace(std::time::Duration::from_millis(500))
+    ///     .build()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn kill_grace(mut self, grace: Duration) -> Self {
+        self.kill_grace = grace;
         self
     }
 
@@ -72,7 +118,7 @@ impl Builder {
     /// in `main`, before starting the tokio runtime, is best). It may be called
     /// once per process; a second call returns [`Error::AlreadyBuilt`].
     pub fn build(self) -> Result<Handoff, Error> {
-        let (start, inherited) = env::take_from_process().ok_or(Error::AlreadyBuilt)??;
+        let (start, inherited, channel) = env::take_from_process().ok_or(Error::AlreadyBuilt)??;
         let cwd = std::env::current_dir()
             .map_err(|e| Error::io("cannot read the working directory", e))?;
         let (program, args) = match self.command {
@@ -100,36 +146,23 @@ impl Builder {
                 cwd,
                 pid_file: self.pid_file.map(PidFile::new),
                 upgrade_timeout: self.upgrade_timeout,
-                notify_parent: start.notify_parent,
+                probation: self.probation,
+                kill_grace: self.kill_grace,
+                parent: Mutex::new(channel),
+                parent_channel: std::sync::OnceLock::new(),
                 upstream: Upstream::new(start.notify_upstream),
                 last_failure: Mutex::new(None),
                 started: std::time::Instant::now(),
                 upgrades_done: Default::default(),
                 upgrades_failed: Default::default(),
                 registry: Mutex::new(Registry::new(inherited)),
-                state: Mutex::new(State::Starting),
-                stop: CancellationToken::new(),
+                life: Lifecycle::new(),
                 force: CancellationToken::new(),
-                stop_reason: Mutex::new(None),
+                manager_told: std::sync::atomic::AtomicBool::new(false),
                 events,
             }),
         })
     }
-}
-
-/// Where this process is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum State {
-    /// Not ready yet.
-    Starting,
-    /// In `ready()`: telling the parent (or systemd); not upgradable yet.
-    Readying,
-    /// Ready; may upgrade.
-    Serving,
-    /// A successor is starting.
-    Upgrading,
-    /// A successor took over; this process drains and exits.
-    HandedOver { successor: u32 },
 }
 
 /// Why this process must stop accepting.
@@ -193,17 +226,24 @@ pub(crate) struct Inner {
     pub cwd: PathBuf,
     pub pid_file: Option<PidFile>,
     pub upgrade_timeout: Duration,
-    pub notify_parent: Option<NotifyAddr>,
+    pub probation: Duration,
+    pub kill_grace: Duration,
+    /// A successor's end of the readiness channel, until `ready()` takes it.
+    pub parent: Mutex<Option<OwnedFd>>,
+    /// The same, once `ready()` opened it (to tell the parent later that
+    /// this process handed over in turn).
+    pub parent_channel: std::sync::OnceLock<Channel>,
     pub upstream: Upstream,
     pub last_failure: Mutex<Option<String>>,
     pub started: std::time::Instant,
     pub upgrades_done: std::sync::atomic::AtomicU64,
     pub upgrades_failed: std::sync::atomic::AtomicU64,
     pub registry: Mutex<Registry>,
-    pub state: Mutex<State>,
-    pub stop: CancellationToken,
+    /// The one owner of the lifecycle.
+    pub life: Lifecycle,
     pub force: CancellationToken,
-    pub stop_reason: Mutex<Option<StopReason>>,
+    /// Whether systemd was told `MAINPID=` of the successor already.
+    pub manager_told: std::sync::atomic::AtomicBool,
     pub events: broadcast::Sender<UpgradeEvent>,
 }
 
@@ -221,7 +261,7 @@ impl std::fmt::Debug for Handoff {
             .field("pid", &self.inner.pid)
             .field("generation", &self.inner.generation)
             .field("mode", &self.inner.mode)
-            .field("state", &*lock(&self.inner.state))
+            .field("phase", &self.inner.life.get().phase)
             .finish()
     }
 }
@@ -236,6 +276,8 @@ impl Handoff {
         Builder {
             pid_file: None,
             upgrade_timeout: DEFAULT_UPGRADE_TIMEOUT,
+            probation: DEFAULT_PROBATION,
+            kill_grace: DEFAULT_KILL_GRACE,
             command: None,
         }
     }
@@ -262,12 +304,21 @@ impl Handoff {
         self.inner.generation
     }
 
-    /// Tells the parent (or systemd) that this process serves.
+    /// Tells the parent (or systemd) that this process is ready to serve.
     ///
     /// In order: inherited fds that the application did not claim are closed;
     /// the PID file, if configured, is replaced atomically; then the parent
-    /// learns `READY=1` and completes its upgrade. Call it once every listener
-    /// is claimed and accepting.
+    /// learns `READY=1` and commits its upgrade (a fresh or socket-activated
+    /// process tells systemd instead). Call it once every listener is claimed.
+    /// Needs a tokio runtime.
+    ///
+    /// A successor counts as serving once its parent committed the handover
+    /// ([`serving`](Self::serving) resolves then; the library's own accept
+    /// loops start only then). If the parent is gone (killed mid-upgrade),
+    /// the successor serves alone: `ready()` succeeds with a warning.
+    ///
+    /// A `SIGHUP` that arrives before the process serves is kept (one at
+    /// most) and runs as soon as it does.
     ///
     /// ```no_run
     /// # let handoff = handoff::Handoff::builder().build().unwrap();
@@ -276,28 +327,18 @@ impl Handoff {
     /// ```
     pub fn ready(&self) -> Result<(), Error> {
         let inner = &self.inner;
-        {
-            let mut state = lock(&inner.state);
-            if *state != State::Starting {
-                return Err(Error::AlreadyReady);
-            }
-            *state = State::Readying;
-        }
+        inner.life.begin_ready()?;
         let result = self.announce_ready();
-        // Only now may this process upgrade: its own parent's upgrade (if
-        // any) is over, so two upgrades are never in flight at once.
-        *lock(&inner.state) = if result.is_ok() {
-            State::Serving
-        } else {
-            State::Starting
-        };
+        if result.is_err() {
+            inner.life.ready_failed();
+        }
         result
     }
 
     fn announce_ready(&self) -> Result<(), Error> {
         let inner = &self.inner;
         for name in lock(&inner.registry).close_unclaimed() {
-            tracing::warn!(pid = inner.pid, listener = %name, "closing an inherited fd that was not claimed");
+            tracing::warn!(pid = inner.pid, listener = %Escaped(&name), "closing an inherited fd that was not claimed");
         }
         if let Some(pid_file) = &inner.pid_file {
             pid_file.write(inner.pid).map_err(|e| {
@@ -307,15 +348,73 @@ impl Handoff {
                 )
             })?;
         }
-        if let Some(parent) = &inner.notify_parent {
-            parent
-                .send(&format!("READY=1\nMAINPID={}", inner.pid))
-                .map_err(|source| Error::NotifyParent {
-                    socket: parent.to_string(),
+        let Some(fd) = lock(&inner.parent).take() else {
+            self.tell_ready();
+            self.become_serving();
+            return Ok(());
+        };
+        let parent = Channel::from_fd(fd)
+            .map_err(|e| Error::io("cannot open the readiness channel to the parent", e))?;
+        let parent = inner.parent_channel.get_or_init(|| parent);
+        match parent.send(channel::READY) {
+            Ok(()) => {
+                let handoff = self.clone();
+                tokio::spawn(async move { handoff.await_commit().await });
+            }
+            Err(e) if parent_gone(&e) => self.serve_alone(&e),
+            Err(source) => {
+                return Err(Error::NotifyParent {
+                    socket: format!("fd {}", env::HANDOFF_CHANNEL_FD),
                     source,
-                })?;
+                })
+            }
         }
-        self.tell_ready();
+        Ok(())
+    }
+
+    /// Waits for the parent's `COMMITTED=1`; its end-of-file means the parent
+    /// died before it could commit, and this process serves alone.
+    async fn await_commit(&self) {
+        let Some(parent) = self.inner.parent_channel.get() else {
+            return;
+        };
+        loop {
+            match parent.recv().await {
+                Ok(Some(message)) if message.has(channel::COMMITTED) => {
+                    return self.become_serving();
+                }
+                Ok(Some(message)) => {
+                    tracing::debug!(text = %Escaped(&message.text), "ignoring a message from the parent");
+                }
+                Ok(None) => {
+                    let gone = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+                    return self.serve_alone(&gone);
+                }
+                Err(e) => return self.serve_alone(&e),
+            }
+        }
+    }
+
+    /// The parent is gone before committing: this process is the only one
+    /// left holding the sockets, so it serves.
+    fn serve_alone(&self, why: &std::io::Error) {
+        let inner = &self.inner;
+        tracing::warn!(pid = inner.pid, generation = inner.generation, error = %why, "the parent is gone before it handed over; serving alone");
+        // Under systemd the parent was the main process. With
+        // NotifyAccess=all this makes the successor the main process; else
+        // systemd ignores it (see docs/design.md).
+        inner.upstream.send(&format!(
+            "MAINPID={}\nREADY=1\nSTATUS=Serving, generation {} (pid {}); its parent died during the upgrade",
+            inner.pid, inner.generation, inner.pid
+        ));
+        self.become_serving();
+    }
+
+    fn become_serving(&self) {
+        let inner = &self.inner;
+        let Ok(kept_upgrade) = inner.life.serve() else {
+            return;
+        };
         let listeners = lock(&inner.registry).len();
         tracing::info!(
             pid = inner.pid,
@@ -323,12 +422,44 @@ impl Handoff {
             listeners,
             "ready"
         );
-        Ok(())
+        if kept_upgrade {
+            tracing::info!(
+                pid = inner.pid,
+                "running the upgrade requested while getting ready"
+            );
+            self.start_upgrade_in_background();
+        }
+    }
+
+    /// Resolves once this process serves new connections: at once for a
+    /// first generation after [`ready`](Self::ready), for a successor once
+    /// its parent committed the handover (or died), and again after a
+    /// take-back. Returns false if the process stops for good instead.
+    ///
+    /// ```no_run
+    /// # async fn f(handoff: handoff::Handoff) {
+    /// if handoff.serving().await {
+    ///     println!("accepting from now on");
+    /// }
+    /// # }
+    /// ```
+    pub async fn serving(&self) -> bool {
+        let life = self
+            .inner
+            .life
+            .wait(|l| l.accepting() || matches!(l.phase, Phase::Stopping { .. }))
+            .await;
+        life.accepting()
     }
 
     /// Resolves once this process must stop accepting: after a successor took
     /// over, on `SIGTERM`/`SIGINT` (with [`handle_signals`](Self::handle_signals)),
     /// or after [`request_stop`](Self::request_stop).
+    ///
+    /// After a handover the process may take the sockets back (its successor
+    /// died): it then serves again, and `stopping()` waits for the next stop.
+    /// [`serve`](Self::serve) handles this; a hand-written accept loop does so
+    /// with [`finish`](Self::finish).
     ///
     /// ```no_run
     /// # async fn f(handoff: handoff::Handoff) {
@@ -337,24 +468,22 @@ impl Handoff {
     /// # }
     /// ```
     pub async fn stopping(&self) -> StopReason {
-        self.inner.stop.cancelled().await;
-        lock(&self.inner.stop_reason)
-            .clone()
-            .unwrap_or(StopReason::Requested)
+        let life = self.inner.life.wait(|l| l.stop_reason().is_some()).await;
+        life.stop_reason().unwrap_or(StopReason::Requested)
     }
 
-    /// Whether this process must stop accepting.
+    /// Whether this process must not accept now (it handed over or stops).
     ///
     /// ```no_run
     /// # let handoff = handoff::Handoff::builder().build().unwrap();
     /// assert!(!handoff.is_stopping());
     /// ```
     pub fn is_stopping(&self) -> bool {
-        self.inner.stop.is_cancelled()
+        self.inner.life.get().stop_reason().is_some()
     }
 
-    /// Asks this process to stop accepting, as `SIGTERM` would. The first
-    /// reason given is kept.
+    /// Asks this process to stop accepting, for good, as `SIGTERM` would. The
+    /// first reason given is kept.
     ///
     /// ```no_run
     /// # let handoff = handoff::Handoff::builder().build().unwrap();
@@ -362,21 +491,18 @@ impl Handoff {
     /// assert!(handoff.is_stopping());
     /// ```
     pub fn request_stop(&self, reason: StopReason) {
-        {
-            let mut slot = lock(&self.inner.stop_reason);
-            if slot.is_some() {
-                return;
-            }
-            tracing::info!(pid = self.inner.pid, generation = self.inner.generation, %reason, "stopping");
-            if !matches!(reason, StopReason::Upgraded { .. }) {
-                // No successor will take the fds: let the sockets close as
-                // soon as the application drops its own copies.
-                lock(&self.inner.registry).close_all();
-                self.tell_stopping();
-            }
-            *slot = Some(reason);
+        let inner = &self.inner;
+        let shown = reason.to_string();
+        let Some(left) = inner.life.stop(reason) else {
+            return;
+        };
+        tracing::info!(pid = inner.pid, generation = inner.generation, reason = %shown, "stopping");
+        if !matches!(left, Phase::HandedOver { .. }) {
+            // No successor will take the fds: let the sockets close as soon
+            // as the application drops its own copies.
+            lock(&inner.registry).close_all();
+            self.tell_stopping();
         }
-        self.inner.stop.cancel();
     }
 
     /// Resolves when draining must end at once (a second `SIGTERM`/`SIGINT`,
@@ -403,6 +529,44 @@ impl Handoff {
         self.inner.force.cancel();
     }
 
+    /// Call when this process has stopped accepting and drained, before it
+    /// exits. After a handover it waits out the probation
+    /// ([`Builder::probation`]); if the successor died meanwhile and this
+    /// process took the sockets back, it returns [`Finish::Resume`]: accept
+    /// again. Otherwise it tells systemd the successor's PID, releases the
+    /// sockets and returns [`Finish::Exit`]. Without a handover it returns
+    /// `Exit` at once (or `Resume` if the process was never stopped).
+    ///
+    /// ```no_run
+    /// # async fn f(handoff: handoff::Handoff) {
+    /// loop {
+    ///     // ... accept until handoff.stopping(), then drain ...
+    ///     if handoff.finish().await == handoff::Finish::Exit {
+    ///         break;
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub async fn finish(&self) -> Finish {
+        let inner = &self.inner;
+        let life = inner
+            .life
+            .wait(|l| match l.phase {
+                Phase::HandedOver { .. } => l.probation_over,
+                _ => true,
+            })
+            .await;
+        if life.accepting() || matches!(life.phase, Phase::Starting | Phase::Readying) {
+            return Finish::Resume;
+        }
+        inner.life.finish_handover();
+        if let Some(successor) = inner.life.get().successor() {
+            self.tell_handover(successor).await;
+        }
+        lock(&inner.registry).release();
+        Finish::Exit
+    }
+
     /// This process's state, as `handoff status` shows it. `drain`, if given,
     /// supplies the number of open connections.
     ///
@@ -415,15 +579,10 @@ impl Handoff {
         use crate::control::{Generation, GenerationState};
         use std::sync::atomic::Ordering;
         let inner = &self.inner;
-        let state = match *lock(&inner.state) {
-            State::Starting | State::Readying => GenerationState::Starting,
-            State::Serving | State::Upgrading => GenerationState::Serving,
-            State::HandedOver { .. } => GenerationState::Draining,
-        };
-        let state = if self.is_stopping() {
-            GenerationState::Draining
-        } else {
-            state
+        let state = match inner.life.get().phase {
+            Phase::Starting | Phase::Readying => GenerationState::Starting,
+            Phase::Serving | Phase::Upgrading => GenerationState::Serving,
+            Phase::HandedOver { .. } | Phase::Stopping { .. } => GenerationState::Draining,
         };
         crate::control::Status {
             pid: inner.pid,
@@ -442,20 +601,52 @@ impl Handoff {
         }
     }
 
+    /// The successor this process handed over to, if any.
     pub(crate) fn handed_over(&self) -> Option<u32> {
-        match *lock(&self.inner.state) {
-            State::HandedOver { successor } => Some(successor),
-            _ => None,
-        }
+        self.inner.life.get().successor()
     }
+}
+
+/// What [`Handoff::finish`] tells a process that stopped accepting.
+///
+/// ```
+/// assert_ne!(handoff::Finish::Exit, handoff::Finish::Resume);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// Exit: the successor serves (or the process stops for good).
+    Exit,
+    /// Serve again: the successor died and this process took the sockets back.
+    Resume,
+}
+
+/// Whether a send to the parent failed because the parent is gone.
+fn parent_gone(error: &std::io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EPIPE | libc::ECONNREFUSED | libc::ECONNRESET | libc::ENOTCONN)
+    )
 }
 
 impl Drop for Inner {
     /// A process that stops without a successor removes what it left on disk:
     /// the PID file (if it still names this process) and the Unix socket
-    /// paths it bound (if they are still its own).
+    /// paths it bound (if they are still its own), but only if it ever
+    /// served: a successor that failed at start-up leaves its predecessor's
+    /// paths alone. A process that handed over and exits without
+    /// [`Handoff::finish`] still tells systemd its successor's PID.
     fn drop(&mut self) {
-        if matches!(*lock(&self.state), State::HandedOver { .. }) {
+        let life = self.life.get();
+        if let Some(successor) = life.successor() {
+            if !self
+                .manager_told
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                self.upstream.send(&format!("MAINPID={successor}"));
+            }
+            return;
+        }
+        if !life.served {
             return;
         }
         if let Some(pid_file) = &self.pid_file {
