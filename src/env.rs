@@ -101,13 +101,16 @@ pub(crate) struct InheritedFd {
     pub path_id: Option<PathId>,
 }
 
+/// What a process takes over at start: the parsed variables, the inherited
+/// fds, and a successor's end of the readiness channel.
+pub(crate) type Taken = (StartEnv, Vec<InheritedFd>, Option<OwnedFd>);
+
 /// Serialises takers so an fd is never wrapped in two `OwnedFd`s.
 static TAKEN: Mutex<bool> = Mutex::new(false);
 
 /// Reads, validates and removes the handoff variables, and takes ownership of
 /// the inherited fds. Returns `None` if an earlier call already did.
-pub(crate) fn take_from_process(
-) -> Option<Result<(StartEnv, Vec<InheritedFd>, Option<OwnedFd>), EnvError>> {
+pub(crate) fn take_from_process() -> Option<Result<Taken, EnvError>> {
     let mut taken = TAKEN
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());

@@ -562,8 +562,9 @@ impl Handoff {
         inner.life.finish_handover();
         if let Some(successor) = inner.life.get().successor() {
             self.tell_handover(successor).await;
+            // The successor holds the sockets now; the paths stay its own.
+            lock(&inner.registry).release();
         }
-        lock(&inner.registry).release();
         Finish::Exit
     }
 

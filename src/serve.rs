@@ -170,7 +170,7 @@ impl Serve {
         F: Future<Output = ()> + Send + 'static,
     {
         let handoff = self.handoff.clone();
-        let listeners: Vec<Arc<L>> = listeners.into_iter().map(Arc::new).collect();
+        let mut listeners: Vec<Arc<L>> = listeners.into_iter().map(Arc::new).collect();
         let mut report = DrainReport {
             waited: Duration::ZERO,
             cut: 0,
@@ -202,6 +202,11 @@ impl Serve {
             stop.cancel();
             for task in tasks {
                 let _ = task.await;
+            }
+            if !matches!(reason, StopReason::Upgraded { .. }) {
+                // A stop for good: close the listeners now, so new clients are
+                // refused rather than left waiting in a backlog.
+                listeners.clear();
             }
             self.tell(ServeEvent::StoppedAccepting {
                 reason,

@@ -203,14 +203,19 @@ fn the_conversation_with_systemd_across_start_upgrade_failure_and_stop() {
             "MONOTONIC_USEC {usec} is before the signal ({before_signal})"
         );
     });
-    let handover = manager.wait(reloading + 1, "MAINPID=", |m| m.value("MAINPID").is_some());
+    // The reload ends at the commit, from the old main process, which stays
+    // the main process through the probation; MAINPID= comes at its end.
+    let committed = manager.wait(reloading + 1, "READY=1", |m| m.has("READY=1"));
+    manager.with(committed, |m| {
+        assert_eq!(m.pid, first, "the old main process ends the reload");
+        assert!(
+            m.value("MAINPID").is_none(),
+            "no MAINPID= before the probation ends"
+        );
+    });
+    let handover = manager.wait(committed + 1, "MAINPID=", |m| m.value("MAINPID").is_some());
     let second: u32 = manager.with(handover, |m| {
         assert_eq!(m.pid, first, "the old main process announces its successor");
-        assert!(
-            m.has("READY=1"),
-            "the reload ends with READY=1: {:?}",
-            m.text
-        );
         m.value("MAINPID").unwrap().parse().unwrap()
     });
     assert_ne!(second, first);
@@ -220,8 +225,8 @@ fn the_conversation_with_systemd_across_start_upgrade_failure_and_stop() {
         assert_eq!(m.fds.len(), 1, "BARRIER=1 carries one fd");
         m.fds.pop().unwrap()
     });
-    // Until we answer, the old process keeps going: it has not stopped
-    // accepting, and it is alive.
+    // Until we answer, the old process does not exit: systemd must know its
+    // new main process first. (It stopped accepting at the commit.)
     server
         .events
         .wait(0, DEADLINE, "the successor to be ready", |l| {
@@ -232,8 +237,8 @@ fn the_conversation_with_systemd_across_start_upgrade_failure_and_stop() {
             .events
             .snapshot()
             .iter()
-            .any(|l| l.starts_with(&format!("stopping pid={first} "))),
-        "the old process stopped before systemd confirmed MAINPID="
+            .any(|l| l.starts_with(&format!("exit pid={first} "))),
+        "the old process exited before systemd confirmed MAINPID="
     );
     assert!(std::path::Path::new(&format!("/proc/{first}")).exists());
     drop(barrier_fd); // the answer
