@@ -131,6 +131,8 @@ pub(crate) fn recv_message(fd: RawFd) -> io::Result<Option<Message>> {
 /// One end of a readiness channel.
 pub(crate) struct Channel {
     fd: AsyncFd<OwnedFd>,
+    /// Set once the peer closed its end (or reading failed): see [`Channel::next`].
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Channel {
@@ -173,7 +175,10 @@ impl Channel {
         // long as it is registered.
         let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
             .map_err(io::Error::from)?;
-        Ok(Channel { fd })
+        Ok(Channel {
+            fd,
+            closed: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     /// Sends one message. Fails (`EPIPE`, `ECONNREFUSED`) once the peer is gone.
@@ -191,6 +196,22 @@ impl Channel {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    /// The next message, for a caller that also waits for other events:
+    /// once the peer closed its end (or reading failed, which is logged) it
+    /// never resolves again.
+    pub(crate) async fn next(&self) -> Message {
+        use std::sync::atomic::Ordering;
+        if !self.closed.load(Ordering::Relaxed) {
+            match self.recv().await {
+                Ok(Some(message)) => return message,
+                Ok(None) => {}
+                Err(error) => tracing::warn!(%error, "cannot read the readiness channel"),
+            }
+            self.closed.store(true, Ordering::Relaxed);
+        }
+        std::future::pending().await
     }
 
     /// Waits for the next message; `Ok(None)` once the peer closed its end.

@@ -493,16 +493,15 @@ impl Handoff {
     pub fn request_stop(&self, reason: StopReason) {
         let inner = &self.inner;
         let shown = reason.to_string();
-        let Some(left) = inner.life.stop(reason) else {
-            return;
-        };
-        tracing::info!(pid = inner.pid, generation = inner.generation, reason = %shown, "stopping");
-        if !matches!(left, Phase::HandedOver { .. }) {
-            // No successor will take the fds: let the sockets close as soon
-            // as the application drops its own copies.
-            lock(&inner.registry).close_all();
-            self.tell_stopping();
-        }
+        inner.life.stop(reason, |left| {
+            tracing::info!(pid = inner.pid, generation = inner.generation, reason = %shown, "stopping");
+            if !matches!(left, Phase::HandedOver { .. }) {
+                // No successor will take the fds: let the sockets close as
+                // soon as the application drops its own copies.
+                lock(&inner.registry).close_all();
+                self.tell_stopping();
+            }
+        });
     }
 
     /// Resolves when draining must end at once (a second `SIGTERM`/`SIGINT`,

@@ -273,20 +273,26 @@ impl Lifecycle {
         });
     }
 
-    /// Any phase but `Stopping` → `Stopping`. Returns the phase it left, or
-    /// `None` if the process was stopping already.
-    pub(crate) fn stop(&self, reason: StopReason) -> Option<Phase> {
+    /// Any phase but `Stopping` → `Stopping`. `on_stop` runs with the phase
+    /// it leaves before anyone can see the stop (so what it tells systemd
+    /// comes first); it runs under the state's lock, so it must not use the
+    /// `Lifecycle`. Returns false if the process was stopping already.
+    pub(crate) fn stop(&self, reason: StopReason, on_stop: impl FnOnce(&Phase)) -> bool {
+        let mut on_stop = Some(on_stop);
         self.apply(|life| {
             let successor = match life.phase {
                 Phase::Stopping { .. } => return Err(()),
                 Phase::HandedOver { successor } => Some(successor),
                 _ => None,
             };
-            let left = std::mem::replace(&mut life.phase, Phase::Stopping { reason, successor });
+            if let Some(on_stop) = on_stop.take() {
+                on_stop(&life.phase);
+            }
+            life.phase = Phase::Stopping { reason, successor };
             life.pending_upgrade = false;
-            Ok(left)
+            Ok(())
         })
-        .ok()
+        .is_ok()
     }
 }
 
@@ -349,18 +355,18 @@ mod tests {
         assert!(life.get().accepting());
         life.begin_upgrade(false).unwrap();
         assert!(life.commit(8));
-        assert!(life.stop(StopReason::Signal("SIGTERM")).is_some());
+        assert!(life.stop(StopReason::Signal("SIGTERM"), |_| {}));
         assert_eq!(life.get().successor(), Some(8));
         assert!(!life.take_back(), "a stopping process never resumes");
         assert!(!life.finish_handover());
-        assert!(life.stop(StopReason::Requested).is_none());
+        assert!(!life.stop(StopReason::Requested, |_| panic!("stopped twice")));
     }
 
     #[test]
     fn a_commit_loses_to_a_stop() {
         let life = serving();
         life.begin_upgrade(false).unwrap();
-        life.stop(StopReason::Signal("SIGTERM"));
+        life.stop(StopReason::Signal("SIGTERM"), |_| {});
         assert!(!life.commit(9));
         assert_eq!(life.get().successor(), None);
     }

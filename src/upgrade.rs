@@ -294,15 +294,7 @@ async fn attempt(handoff: &Handoff) -> Result<(Child, Channel), UpgradeError> {
 
     let deadline = tokio::time::sleep(inner.upgrade_timeout);
     tokio::pin!(deadline);
-    let mut channel_open = true;
     let outcome = loop {
-        let message = async {
-            if channel_open {
-                parent.recv().await
-            } else {
-                std::future::pending().await
-            }
-        };
         tokio::select! {
             // Exit first: a successor that exits as it says READY=1 must not
             // be committed.
@@ -317,26 +309,21 @@ async fn attempt(handoff: &Handoff) -> Result<(Child, Channel), UpgradeError> {
             () = &mut deadline => {
                 break UpgradeError::Timeout { pid, timeout: inner.upgrade_timeout };
             }
-            message = message => match message {
-                Ok(Some(message)) if message.pid != Some(pid) => {
+            message = parent.next() => match message {
+                message if message.pid != Some(pid) => {
                     tracing::warn!(sender = ?message.pid, successor = pid, "ignoring a message from another process");
                 }
-                Ok(Some(message)) if message.problem.is_some() => {
+                message if message.problem.is_some() => {
                     tracing::warn!(successor = pid, problem = message.problem.as_deref().unwrap_or(""), "ignoring a malformed message from the successor");
                 }
-                Ok(Some(message)) if message.has(channel::READY) => {
+                message if message.has(channel::READY) => {
                     if child.has_exited() {
                         continue; // the exit arm reports it
                     }
                     return Ok((child, parent));
                 }
-                Ok(Some(message)) => {
+                message => {
                     tracing::debug!(successor = pid, text = %Escaped(&message.text), "message from the successor");
-                }
-                Ok(None) => channel_open = false,
-                Err(error) => {
-                    tracing::warn!(successor = pid, %error, "cannot read the readiness channel");
-                    channel_open = false;
                 }
             },
         }
@@ -356,15 +343,8 @@ async fn watch(handoff: &Handoff, successor: Successor, parent: Channel) {
     let committed = Instant::now();
     let probation = tokio::time::sleep(inner.probation);
     tokio::pin!(probation);
-    let (mut channel_open, mut probation_running) = (true, true);
+    let mut probation_running = true;
     loop {
-        let message = async {
-            if channel_open {
-                parent.recv().await
-            } else {
-                std::future::pending().await
-            }
-        };
         tokio::select! {
             status = successor.exited() => {
                 return successor_exited(handoff, pid, status, committed);
@@ -376,14 +356,12 @@ async fn watch(handoff: &Handoff, successor: Successor, parent: Channel) {
                 probation_running = false;
                 inner.life.end_probation();
             }
-            message = message => match message {
-                Ok(Some(message)) if message.has(channel::HANDED_OVER) && message.pid == Some(pid) => {
+            message = parent.next() => {
+                if message.has(channel::HANDED_OVER) && message.pid == Some(pid) {
                     tracing::info!(pid = inner.pid, successor = pid, "the successor handed over in turn; probation over");
                     inner.life.end_probation();
                 }
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => channel_open = false,
-            },
+            }
         }
         if inner.life.get().successor().is_none() {
             return;

@@ -282,9 +282,17 @@ fn scenario(variant: &Variant, systemd_root: Option<&Path>) {
                     "reload {round}: still served by {main}"
                 );
             }
-        } else if variant.reload_waits {
-            sandbox.show(service, "MainPID").parse().unwrap()
         } else {
+            if variant.reload_waits {
+                // The reload returns once the successor serves: systemd has
+                // its STATUS= already. MAINPID= follows when the old
+                // generation's probation ends.
+                let status = sandbox.show(service, "StatusText");
+                assert!(
+                    status.starts_with(&format!("Serving, generation {} ", round + 2)),
+                    "reload {round}: {status}"
+                );
+            }
             let pid = sandbox.wait_for(service, "MainPID", "the next generation", |p| {
                 p != main.to_string()
             });
