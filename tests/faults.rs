@@ -16,7 +16,11 @@ use common::{signal, wait_exit, Options, Server, DEADLINE};
 /// (a shell script that `exec`s it, so the PID and the fds stay the same).
 fn inject(server: &Server, fault: &str) {
     let real = server.dir.path().join("real-http_server");
-    fs::copy(common::example_path("http_server"), &real).expect("copy the binary");
+    let example = common::example_path("http_server");
+    {
+        let _lock = common::binary_lock();
+        fs::copy(example, &real).expect("copy the binary");
+    }
     let script = format!(
         "#!/bin/sh\nHANDOFF_DEMO_FAULT='{fault}' exec '{}' \"$@\"\n",
         real.display()
@@ -162,5 +166,280 @@ fn a_successor_that_fails_at_start_up_leaves_the_unix_socket_path() {
     assert_eq!(
         get(server.addr(), "/").unwrap().pid(),
         Some(server.first_pid)
+    );
+}
+
+/// A candidate that is never ready is rolled back under load without a single
+/// failed request: it accepts nothing before its parent commits, so nothing
+/// it holds dies with it.
+#[test]
+fn a_candidate_that_is_rolled_back_loses_no_connection() {
+    let server = Server::start_with(
+        Options::new("http_server")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--upgrade-timeout")
+            .arg("1"),
+    );
+    let load = Load::start(server.addr(), 4, 4);
+    load.wait_for_more(50);
+    inject(&server, "never-ready");
+    for _ in 0..3 {
+        let error = server.upgrade().expect_err("never ready: rolled back");
+        assert!(error.contains("not ready within"), "{error}");
+        load.wait_for_more(50);
+    }
+    let stats = load.stop();
+    println!(
+        "rolled-back candidates: {} ok, {} failed ({:?})",
+        stats.ok, stats.failed, stats.errors
+    );
+    assert_eq!(stats.failed, 0, "{:?}", stats.errors);
+    assert_eq!(server.processes(), vec![server.first_pid]);
+}
+
+/// `kill -HUP $(cat pidfile)` right after an upgrade lands on a successor
+/// that is still getting ready: the request is kept and runs once it serves.
+#[test]
+fn a_sighup_to_a_successor_still_getting_ready_is_kept() {
+    let server = Server::start_with(
+        Options::new("http_server")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--probation")
+            .arg("0"),
+    );
+    for round in 0..10 {
+        let old = server.serving_pid();
+        let from = server.events.len();
+        signal(old, libc::SIGHUP);
+        // As soon as the PID file names the successor, signal it: it is then
+        // between writing the PID file and its parent's commit.
+        let mut new = old;
+        server.wait_until("the PID file to name the successor", || {
+            new = fs::read_to_string(&server.pid_file)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+                .unwrap_or(old);
+            new != old
+        });
+        signal(new, libc::SIGHUP);
+        server.events.wait(
+            from,
+            DEADLINE,
+            "the successor to run the kept SIGHUP",
+            |l| l.is("upgrade succeeded") && l.num("pid") == u64::from(new),
+        );
+        server.wait_until("the round's old generations to exit", || {
+            server.processes().len() == 1
+        });
+        println!("round {round}: {old} -> {new} -> {}", server.serving_pid());
+    }
+}
+
+/// systemd's `ExecReload=kill -HUP $MAINPID` signals the old process while
+/// its probation runs (it is still the main process): the request is passed
+/// on to the successor, which upgrades.
+#[test]
+fn a_sighup_to_a_process_in_probation_is_passed_on() {
+    let server = Server::start_with(
+        Options::new("http_server")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--probation")
+            .arg("30"),
+    );
+    let old = server.first_pid;
+    let second = server.upgrade().expect("first upgrade");
+    let from = server.events.len();
+    signal(old, libc::SIGHUP);
+    let (_, line) = server
+        .events
+        .wait(from, DEADLINE, "the successor to upgrade", |l| {
+            l.is("upgrade succeeded") && l.num("pid") == u64::from(second)
+        });
+    let third = line.num("successor") as u32;
+    // The probation ended with the pass: the old process exits long before 30 s.
+    assert_eq!(wait_exit(old, DEADLINE), Some(Some(0)));
+    server.wait_until("the third generation to answer", || {
+        get(server.addr(), "/").ok().and_then(|r| r.pid()) == Some(third)
+    });
+}
+
+/// A fd table full at any step of starting the successor (the pipe, the
+/// channel, the fork, the pidfd): the upgrade fails with a reason, nothing is
+/// left behind, the server keeps serving and still stops on SIGTERM.
+#[test]
+fn running_out_of_fds_at_any_step_of_the_spawn_rolls_back_cleanly() {
+    let server = Server::start_with(
+        Options::new("http_server")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--probation")
+            .arg("0"),
+    );
+    let pid = server.first_pid;
+    let mut initial = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit with no new limit only writes the current one to `initial`.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as i32,
+            libc::RLIMIT_NOFILE,
+            std::ptr::null(),
+            &mut initial,
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let set_limit = |limit: u64| {
+        let rlimit = libc::rlimit {
+            rlim_cur: limit.min(initial.rlim_max),
+            rlim_max: initial.rlim_max,
+        };
+        // SAFETY: prlimit reads the struct and writes nothing back (old = null).
+        let rc = unsafe {
+            libc::prlimit(
+                pid as i32,
+                libc::RLIMIT_NOFILE,
+                &rlimit,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    };
+    // The limit bounds fd numbers: to leave exactly `extra` fds to open, set
+    // it to the `extra`-th free number.
+    let limit_leaving = |extra: usize| -> u64 {
+        let open: std::collections::BTreeSet<u64> = fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect();
+        (0..).filter(|n| !open.contains(n)).nth(extra).unwrap()
+    };
+    let mut failures = Vec::new();
+    for extra in 0..8 {
+        set_limit(limit_leaving(extra));
+        let outcome = server.upgrade();
+        set_limit(initial.rlim_cur);
+        match outcome {
+            Ok(_) => break,
+            Err(error) => {
+                server.wait_until("the failed successor to be reaped", || {
+                    server.processes() == vec![pid] && common::zombie_children(pid).is_empty()
+                });
+                assert_eq!(get(server.addr(), "/").unwrap().pid(), Some(pid));
+                failures.push(error);
+            }
+        }
+    }
+    println!("fd exhaustion: {failures:#?}");
+    assert!(
+        !failures.is_empty(),
+        "the limit never bit: the test proves nothing"
+    );
+    let serving = server.serving_pid();
+    signal(serving, libc::SIGTERM);
+    assert!(
+        wait_exit(serving, DEADLINE).is_some(),
+        "SIGTERM still stops the server"
+    );
+}
+
+/// The readiness channel has no address: no socket of the server is bound
+/// to a name or path another user could send to, even mid-upgrade.
+#[test]
+fn the_readiness_channel_cannot_be_reached_by_another_user() {
+    let server = Server::start("http_server");
+    let old = server.first_pid;
+    inject(&server, "slow-ready=1000");
+    let from = server.events.len();
+    signal(old, libc::SIGHUP);
+    let (_, listening) = server
+        .events
+        .wait(from, DEADLINE, "the successor to start", |l| {
+            l.is("listening") && l.num("pid") != u64::from(old)
+        });
+    let successor = listening.num("pid") as u32;
+    // Every Unix socket either process holds, by inode, and its name if any.
+    let named: std::collections::HashMap<u64, String> = fs::read_to_string("/proc/net/unix")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let inode = fields.get(6)?.parse().ok()?;
+            Some((inode, fields.get(7)?.to_string()))
+        })
+        .collect();
+    for pid in [old, successor] {
+        for entry in fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+            let Ok(target) = fs::read_link(entry.path()) else {
+                continue;
+            };
+            let target = target.to_string_lossy();
+            let Some(inode) = target
+                .strip_prefix("socket:[")
+                .and_then(|t| t.strip_suffix(']'))
+            else {
+                continue;
+            };
+            let inode: u64 = inode.parse().unwrap();
+            assert!(
+                !named.contains_key(&inode),
+                "pid {pid} holds a Unix socket bound to {:?}, which any local user could reach",
+                named[&inode]
+            );
+        }
+    }
+    server
+        .events
+        .wait(from, DEADLINE, "the upgrade to finish", |l| {
+            l.is("upgrade succeeded") && l.num("pid") == u64::from(old)
+        });
+}
+
+/// A server that is PID 1 (a container without an init) would take its
+/// successor down when it exits: the upgrade is refused, never silently.
+#[test]
+fn a_server_that_is_pid_1_refuses_to_upgrade_and_says_why() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: unshare --pid needs root");
+        return;
+    }
+    let server = Server::start_with(Options {
+        wrapper: vec![
+            "unshare".into(),
+            "--pid".into(),
+            "--fork".into(),
+            "--kill-child".into(),
+        ],
+        pid_namespace: true,
+        ..Options::new("http_server")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+    });
+    let host_pid = common::all_processes()
+        .into_iter()
+        .find(|p| p.ppid == server.first_pid)
+        .expect("the server under unshare")
+        .pid;
+    let from = server.events.len();
+    signal(host_pid, libc::SIGHUP);
+    let (_, failed) = server
+        .events
+        .wait(from, DEADLINE, "the refusal", |l| l.is("upgrade failed"));
+    assert!(failed.get("error").contains("PID 1"), "{}", failed.raw);
+    assert!(
+        failed.get("error").contains("handoff run"),
+        "{}",
+        failed.raw
+    );
+    assert_eq!(
+        get(server.addr(), "/").unwrap().pid(),
+        Some(1),
+        "still serving"
     );
 }

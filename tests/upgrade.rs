@@ -91,18 +91,6 @@ fn in_flight_request_survives_an_upgrade() {
     assert_eq!(get(addr, "/").unwrap().pid(), Some(new));
 }
 
-fn wait_until(server: &Server, what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + DEADLINE;
-    while !condition() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}; events:\n{}",
-            server.events.snapshot().join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// 20 SIGHUPs within 100 ms, to whichever process the PID file names: at most
 /// one upgrade is in flight at any time, no request fails, and in the end
 /// exactly one process serves.
@@ -122,7 +110,7 @@ fn signal_storm_runs_one_upgrade_at_a_time() {
         count("upgrade started") == count("upgrade succeeded") + count("upgrade failed")
             && count("upgrade succeeded") == count("exit")
     };
-    wait_until(&server, "the storm to settle", || {
+    server.wait_until("the storm to settle", || {
         let lines: Vec<Line> = server
             .events
             .snapshot()

@@ -48,7 +48,8 @@ pub struct Flags {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     None,
-    /// Exit with status 3 after claiming the listeners, before `ready()`.
+    /// Return exit status 3 from `main` after claiming the listeners, before
+    /// `ready()` (as a bad configuration would).
     ExitBeforeReady,
     /// `abort()` this many ms after `ready()` (a panic on the first request).
     AbortAfterReady(u64),
@@ -198,7 +199,8 @@ where
         handoff.serve_control(path, Some(drain.clone()))?;
     }
     match fault() {
-        Fault::ExitBeforeReady => std::process::exit(3),
+        // Returned, not exit(): a start-up error runs every destructor.
+        Fault::ExitBeforeReady => return Ok(ExitCode::from(3)),
         Fault::NeverReady => std::future::pending::<()>().await,
         Fault::SlowReady(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
         Fault::AbortAfterReady(_) | Fault::None => {}

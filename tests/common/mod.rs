@@ -57,6 +57,15 @@ pub fn example_path(name: &str) -> PathBuf {
     path
 }
 
+/// Held while a test writes a binary and while the harness forks, so no
+/// child of another test thread inherits a binary's write fd between its
+/// `fork` and `exec` (the binary's own `exec` would then fail with ETXTBSY,
+/// and a wrapper such as `unshare` cannot retry it).
+pub fn binary_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// A private temporary directory, removed on drop.
 pub struct TempDir(PathBuf);
 
@@ -107,6 +116,9 @@ pub struct Options<'a> {
     /// Connect here once spawned: a socket-activated server starts on the
     /// first connection.
     pub connect_first: Option<SocketAddr>,
+    /// The wrapper starts the server as PID 1 of a new PID namespace
+    /// (`unshare --pid --fork`): its event lines say `pid=1`.
+    pub pid_namespace: bool,
 }
 
 impl<'a> Options<'a> {
@@ -117,6 +129,7 @@ impl<'a> Options<'a> {
             env: Vec::new(),
             wrapper: Vec::new(),
             connect_first: None,
+            pid_namespace: false,
         }
     }
 
@@ -136,7 +149,9 @@ impl Server {
         become_subreaper();
         let dir = TempDir::new(options.example);
         let bin = dir.path().join(options.example);
-        fs::copy(example_path(options.example), &bin).expect("copy the example binary");
+        let example = example_path(options.example);
+        let lock = binary_lock();
+        fs::copy(example, &bin).expect("copy the example binary");
         let pid_file = dir.path().join("server.pid");
         let tag = format!("{}-{}", dir.path().display(), std::process::id());
         let stderr = fs::File::create(dir.path().join("stderr.log")).expect("stderr log");
@@ -162,6 +177,7 @@ impl Server {
             command.env(key, value);
         }
         let mut child = spawn_retrying(&mut command);
+        drop(lock);
         let first_pid = child.id();
         let stdout = child.stdout.take().expect("stdout pipe");
         let events = Arc::new(Events::default());
@@ -190,6 +206,8 @@ impl Server {
                 }
             });
         }
+        // The PID the server's own lines carry.
+        let own_pid = if options.pid_namespace { 1 } else { first_pid };
         let mut server = Server {
             dir,
             bin,
@@ -204,7 +222,7 @@ impl Server {
             server
                 .events
                 .wait(0, DEADLINE, "the first generation to listen", |l| {
-                    l.is("listening") && l.num("pid") == u64::from(first_pid)
+                    l.is("listening") && l.num("pid") == u64::from(own_pid)
                 });
         server.addrs = listening
             .get("addrs")
@@ -214,13 +232,26 @@ impl Server {
         server
             .events
             .wait(0, DEADLINE, "the first generation to be ready", |l| {
-                l.is("ready") && l.num("pid") == u64::from(first_pid)
+                l.is("ready") && l.num("pid") == u64::from(own_pid)
             });
         assert!(
             server.processes().contains(&first_pid),
             "the server lacks TEST_SERVER_TAG in its environment: cleanup could not find it"
         );
         server
+    }
+
+    /// Waits until `condition` holds, failing with the events after [`DEADLINE`].
+    pub fn wait_until(&self, what: &str, mut condition: impl FnMut() -> bool) {
+        let deadline = Instant::now() + DEADLINE;
+        while !condition() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; events:\n{}",
+                self.events.snapshot().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -302,6 +333,7 @@ impl Server {
     /// Replaces the binary at the server's path (as a deploy would).
     pub fn replace_binary(&self, contents: Option<&[u8]>, mode: u32) {
         use std::os::unix::fs::PermissionsExt;
+        let _lock = binary_lock();
         let _ = fs::remove_file(&self.bin);
         if let Some(contents) = contents {
             fs::write(&self.bin, contents).expect("write the new binary");
@@ -311,8 +343,10 @@ impl Server {
 
     /// Puts the real example binary back at the server's path.
     pub fn restore_binary(&self, example: &str) {
+        let example = example_path(example);
+        let _lock = binary_lock();
         let _ = fs::remove_file(&self.bin);
-        fs::copy(example_path(example), &self.bin).expect("restore the binary");
+        fs::copy(example, &self.bin).expect("restore the binary");
     }
 }
 
