@@ -351,6 +351,9 @@ fn scenario(variant: &Variant, systemd_root: Option<&Path>) {
     );
     assert_eq!(get(addr, "/").unwrap().pid(), Some(main));
     install_binary(&state);
+    if !variant.supervised {
+        take_back(&sandbox, service, &state, addr, main);
+    }
 
     // Stop while a slow request is in flight: it finishes.
     let slow = std::thread::spawn(move || KeepAlive::new(addr).get("/sleep?ms=2000"));
@@ -371,6 +374,53 @@ fn scenario(variant: &Variant, systemd_root: Option<&Path>) {
     assert_eq!((response.status, response.pid()), (200, Some(main)));
     assert_eq!(sandbox.show(service, "ActiveState"), "inactive");
     assert_eq!(sandbox.show(service, "Result"), "success");
+}
+
+/// A new version that crashes 50 ms after it said ready, under load: the old
+/// process takes the sockets back without systemd noticing anything but the
+/// status. It stayed the main process through the probation, so the unit
+/// never restarts and nothing is refused.
+fn take_back(sandbox: &Sandbox, service: &str, state: &Path, addr: SocketAddr, main: u32) {
+    let real = state.join("http_server.real");
+    std::fs::copy(example_path("http_server"), &real).expect("copy http_server");
+    let bin = state.join("http_server");
+    std::fs::remove_file(&bin).unwrap();
+    std::fs::write(
+        &bin,
+        format!(
+            "#!/bin/sh\nHANDOFF_DEMO_FAULT=abort-after-ready=50 exec '{}' \"$@\"\n",
+            real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let load = Load::start(addr, 2, 2);
+    load.wait_for_more(50);
+    sandbox.ctl_ok(&["reload", service]);
+    sandbox.wait_for(service, "StatusText", "the take-back in STATUS=", |s| {
+        s.contains(&format!("(pid {main})")) && s.contains("was killed by SIGABRT")
+    });
+    assert_eq!(sandbox.show(service, "MainPID"), main.to_string());
+    assert_eq!(sandbox.show(service, "ActiveState"), "active");
+    assert_eq!(sandbox.show(service, "NRestarts"), "0");
+    load.wait_for_more(200);
+    let stats = load.stop();
+    let refused = stats
+        .errors
+        .iter()
+        .filter(|e| e.contains("refused"))
+        .count();
+    println!(
+        "take-back under systemd: {} ok, {} failed ({:?})",
+        stats.ok, stats.failed, stats.errors
+    );
+    assert_eq!(refused, 0, "nothing refused: {:?}", stats.errors);
+    assert_eq!(
+        get(addr, "/").unwrap().pid(),
+        Some(main),
+        "the old process serves again"
+    );
+    install_binary(state);
 }
 
 /// systemd 254 unpacked from Debian backports into a temp dir (kept alive by
