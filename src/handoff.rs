@@ -412,16 +412,18 @@ impl Handoff {
 
     fn become_serving(&self) {
         let inner = &self.inner;
-        let Ok(kept_upgrade) = inner.life.serve() else {
+        let listeners = lock(&inner.registry).len();
+        let served = inner.life.serve(|| {
+            tracing::info!(
+                pid = inner.pid,
+                generation = inner.generation,
+                listeners,
+                "ready"
+            );
+        });
+        let Ok(kept_upgrade) = served else {
             return;
         };
-        let listeners = lock(&inner.registry).len();
-        tracing::info!(
-            pid = inner.pid,
-            generation = inner.generation,
-            listeners,
-            "ready"
-        );
         if kept_upgrade {
             tracing::info!(
                 pid = inner.pid,
@@ -534,7 +536,8 @@ impl Handoff {
     /// process took the sockets back, it returns [`Finish::Resume`]: accept
     /// again. Otherwise it tells systemd the successor's PID, releases the
     /// sockets and returns [`Finish::Exit`]. Without a handover it returns
-    /// `Exit` at once (or `Resume` if the process was never stopped).
+    /// `Exit` once no upgrade is in flight (or `Resume` if the process was
+    /// never stopped).
     ///
     /// ```no_run
     /// # async fn f(handoff: handoff::Handoff) {
@@ -552,7 +555,9 @@ impl Handoff {
             .life
             .wait(|l| match l.phase {
                 Phase::HandedOver { .. } => l.probation_over,
-                _ => true,
+                // An upgrade cut short by a stop ends (its candidate stopped
+                // and reaped, the outcome reported) before the process exits.
+                _ => !l.upgrade_in_flight,
             })
             .await;
         if life.accepting() || matches!(life.phase, Phase::Starting | Phase::Readying) {

@@ -54,6 +54,9 @@ pub(crate) struct Life {
     /// The probation after a handover is over (or the successor handed over
     /// in turn): the process may exit once drained.
     pub probation_over: bool,
+    /// An upgrade task has not decided yet (commit or roll back), even if the
+    /// process began to stop meanwhile: it must not exit before that.
+    pub upgrade_in_flight: bool,
 }
 
 impl Life {
@@ -96,6 +99,7 @@ impl Lifecycle {
                 served: false,
                 pending_upgrade: false,
                 probation_over: false,
+                upgrade_in_flight: false,
             }),
         }
     }
@@ -154,11 +158,15 @@ impl Lifecycle {
         });
     }
 
-    /// `Readying → Serving`. Returns whether a `SIGHUP` was kept meanwhile
-    /// (it is taken: the caller runs it). False if the process stopped first.
-    pub(crate) fn serve(&self) -> Result<bool, ()> {
+    /// `Readying → Serving`. `on_serve` runs before anyone can see the new
+    /// phase (so its log line comes before any upgrade's), under the state's
+    /// lock: it must not use the `Lifecycle`. Returns whether a `SIGHUP` was
+    /// kept meanwhile (it is taken: the caller runs it); `Err` if the process
+    /// stopped first.
+    pub(crate) fn serve(&self, on_serve: impl FnOnce()) -> Result<bool, ()> {
         self.apply(|life| match life.phase {
             Phase::Readying => {
+                on_serve();
                 life.phase = Phase::Serving;
                 life.served = true;
                 Ok(std::mem::take(&mut life.pending_upgrade))
@@ -176,6 +184,7 @@ impl Lifecycle {
             let (result, changed) = match life.phase {
                 Phase::Serving => {
                     life.phase = Phase::Upgrading;
+                    life.upgrade_in_flight = true;
                     (Ok(()), true)
                 }
                 Phase::Starting | Phase::Readying => {
@@ -197,14 +206,18 @@ impl Lifecycle {
         outcome
     }
 
-    /// `Upgrading → Serving`: the upgrade failed or was abandoned.
+    /// `Upgrading → Serving`: the upgrade failed or was abandoned (if the
+    /// process stops meanwhile, it stays stopping). The upgrade is over.
     pub(crate) fn abort_upgrade(&self) {
-        let _ = self.apply(|life| match life.phase {
-            Phase::Upgrading => {
-                life.phase = Phase::Serving;
-                Ok(())
+        let _ = self.apply(|life| {
+            if !life.upgrade_in_flight {
+                return Err(());
             }
-            _ => Err(()),
+            life.upgrade_in_flight = false;
+            if life.phase == Phase::Upgrading {
+                life.phase = Phase::Serving;
+            }
+            Ok(())
         });
     }
 
@@ -215,6 +228,7 @@ impl Lifecycle {
             Phase::Upgrading => {
                 life.phase = Phase::HandedOver { successor };
                 life.probation_over = false;
+                life.upgrade_in_flight = false;
                 Ok(())
             }
             _ => Err(()),
@@ -303,7 +317,7 @@ mod tests {
     fn serving() -> Lifecycle {
         let life = Lifecycle::new();
         life.begin_ready().unwrap();
-        assert_eq!(life.serve(), Ok(false));
+        assert_eq!(life.serve(|| {}), Ok(false));
         life
     }
 
@@ -337,7 +351,7 @@ mod tests {
         assert!(life.begin_upgrade(true).is_err());
         life.begin_ready().unwrap();
         assert!(life.begin_upgrade(true).is_err());
-        assert_eq!(life.serve(), Ok(true), "one kept request");
+        assert_eq!(life.serve(|| {}), Ok(true), "one kept request");
         assert!(!life.get().pending_upgrade, "taken, never run twice");
     }
 
@@ -367,7 +381,15 @@ mod tests {
         let life = serving();
         life.begin_upgrade(false).unwrap();
         life.stop(StopReason::Signal("SIGTERM"), |_| {});
+        assert!(life.get().upgrade_in_flight, "the task has not decided yet");
         assert!(!life.commit(9));
         assert_eq!(life.get().successor(), None);
+        life.abort_upgrade();
+        let after = life.get();
+        assert!(!after.upgrade_in_flight);
+        assert!(
+            matches!(after.phase, Phase::Stopping { .. }),
+            "still stopping"
+        );
     }
 }

@@ -376,3 +376,68 @@ fn socket_activation_for_another_process_is_ignored() {
     );
     guard.0 = None;
 }
+
+/// A name that came from outside (systemd's `LISTEN_FDNAMES`) cannot forge a
+/// log line: control characters are logged escaped.
+#[test]
+fn an_inherited_name_with_control_characters_is_logged_escaped() {
+    let unclaimed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let evil = "evil\nERROR forged line\u{1b}[31m";
+    let child = {
+        let dir = TempDir::new("escaped-name");
+        let bin = dir.path().join("http_server");
+        std::fs::copy(example_path("http_server"), &bin).expect("copy the binary");
+        let fd = unclaimed.as_raw_fd();
+        let mut command = Command::new("/bin/sh");
+        command
+            .args(["-c", "export LISTEN_PID=$$; exec \"$0\" \"$@\""])
+            .arg(&bin)
+            .args(["--listen", "127.0.0.1:0"])
+            .env("LISTEN_FDS", "1")
+            .env("LISTEN_FDNAMES", evil)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: dup2 and fcntl are async-signal-safe and only touch the
+        // child's fd table.
+        unsafe {
+            command.pre_exec(move || {
+                let rc = if fd == 3 {
+                    libc::fcntl(3, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, 3)
+                };
+                if rc < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        (dir, spawn_retrying(&mut command))
+    };
+    let (_dir, child) = child;
+    let pid = child.id();
+    let mut guard = Guard(Some(child));
+    let stdout = guard
+        .0
+        .as_mut()
+        .and_then(|c| c.stdout.take())
+        .expect("stdout");
+    let ready = std::io::BufRead::lines(std::io::BufReader::new(stdout))
+        .map_while(Result::ok)
+        .any(|l| l.starts_with("ready"));
+    assert!(ready, "it serves, having closed the fd nobody claimed");
+    common::signal(pid, libc::SIGTERM);
+    let output = guard.0.take().expect("child").wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(r"evil\nERROR forged line\u{1b}[31m"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.lines().any(|l| l.starts_with("ERROR forged")),
+        "a forged line:\n{stderr}"
+    );
+    assert!(!stderr.contains('\u{1b}'), "a raw escape byte:\n{stderr}");
+}

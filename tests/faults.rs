@@ -443,3 +443,76 @@ fn a_server_that_is_pid_1_refuses_to_upgrade_and_says_why() {
         "still serving"
     );
 }
+
+/// A stop during an upgrade abandons it and says so, rather than claiming
+/// the process is "still serving".
+#[test]
+fn an_upgrade_cut_short_by_sigterm_is_reported_as_abandoned() {
+    let server = Server::start("http_server");
+    let old = server.first_pid;
+    inject(&server, "slow-ready=30000");
+    let from = server.events.len();
+    signal(old, libc::SIGHUP);
+    let (_, listening) = server
+        .events
+        .wait(from, DEADLINE, "the successor to start", |l| {
+            l.is("listening") && l.num("pid") != u64::from(old)
+        });
+    let candidate = listening.num("pid") as u32;
+    signal(old, libc::SIGTERM);
+    let (_, failed) = server
+        .events
+        .wait(from, DEADLINE, "the upgrade's outcome", |l| {
+            l.is("upgrade failed") && l.num("pid") == u64::from(old)
+        });
+    assert!(failed.get("error").contains("abandoned"), "{}", failed.raw);
+    assert_eq!(wait_exit(old, DEADLINE), Some(Some(0)));
+    assert!(
+        wait_exit(candidate, DEADLINE).is_some(),
+        "the candidate was stopped"
+    );
+    let log = server.stderr_all();
+    assert!(log.contains("upgrade abandoned"), "{log}");
+    assert!(!log.contains("still serving"), "{log}");
+}
+
+/// SIGHUPs that reach a new generation while it is still starting (the
+/// operator reloads twice): one is kept, never more, and runs once it serves.
+#[test]
+fn sighups_during_start_up_run_one_upgrade_once_serving() {
+    let server = Server::start("http_server");
+    let old = server.first_pid;
+    inject(&server, "slow-ready=500");
+    let from = server.events.len();
+    signal(old, libc::SIGHUP);
+    let (_, listening) = server
+        .events
+        .wait(from, DEADLINE, "the successor to start", |l| {
+            l.is("listening") && l.num("pid") != u64::from(old)
+        });
+    let new = listening.num("pid") as u32;
+    for _ in 0..3 {
+        signal(new, libc::SIGHUP);
+    }
+    let (_, line) = server
+        .events
+        .wait(from, DEADLINE, "the kept SIGHUP to run", |l| {
+            l.is("upgrade succeeded") && l.num("pid") == u64::from(new)
+        });
+    let third = line.num("successor") as u32;
+    server
+        .events
+        .wait(from, DEADLINE, "the third generation to be ready", |l| {
+            l.is("ready") && l.num("pid") == u64::from(third)
+        });
+    let started_by_new = server
+        .events
+        .snapshot()
+        .iter()
+        .filter(|l| l.starts_with(&format!("upgrade started pid={new} ")))
+        .count();
+    assert_eq!(
+        started_by_new, 1,
+        "three SIGHUPs while starting: one upgrade"
+    );
+}
