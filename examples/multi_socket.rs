@@ -15,6 +15,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
 use handoff::Handoff;
@@ -55,45 +56,59 @@ fn main() -> ExitCode {
 
 async fn run(handoff: Handoff, args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let (pid, generation) = (std::process::id(), handoff.generation());
+    // Each socket is served while this process serves: paused on a handover,
+    // resumed if the successor dies and this process takes the sockets back.
     let mut tasks = JoinSet::new();
     let mut tcp_addrs = Vec::new();
     for (i, addr) in args.tcp.iter().enumerate() {
-        let listener = handoff.tcp_listener(&format!("tcp{i}"), *addr)?;
+        let listener = Arc::new(handoff.tcp_listener(&format!("tcp{i}"), *addr)?);
         tcp_addrs.push(listener.local_addr()?.to_string());
-        tasks.spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let _ = stream.write_all(format!("{pid} tcp\n").as_bytes()).await;
+        serve_while(&mut tasks, &handoff, move || {
+            let listener = listener.clone();
+            async move {
+                while let Ok((mut stream, _)) = listener.accept().await {
+                    let _ = stream.write_all(format!("{pid} tcp\n").as_bytes()).await;
+                }
             }
         });
     }
     let mut udp_addr = String::new();
     if let Some(addr) = args.udp {
-        let socket = handoff.udp_socket("udp", addr)?;
+        let socket = Arc::new(handoff.udp_socket("udp", addr)?);
         udp_addr = socket.local_addr()?.to_string();
-        tasks.spawn(async move {
-            let mut buf = [0u8; 512];
-            while let Ok((_, peer)) = socket.recv_from(&mut buf).await {
-                let _ = socket.send_to(format!("{pid} udp").as_bytes(), peer).await;
+        serve_while(&mut tasks, &handoff, move || {
+            let socket = socket.clone();
+            async move {
+                let mut buf = [0u8; 512];
+                while let Ok((_, peer)) = socket.recv_from(&mut buf).await {
+                    let _ = socket.send_to(format!("{pid} udp").as_bytes(), peer).await;
+                }
             }
         });
     }
     if let Some(path) = &args.unix {
-        let listener = handoff.unix_listener("unix", path)?;
-        tasks.spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let _ = stream.write_all(format!("{pid} unix\n").as_bytes()).await;
+        let listener = Arc::new(handoff.unix_listener("unix", path)?);
+        serve_while(&mut tasks, &handoff, move || {
+            let listener = listener.clone();
+            async move {
+                while let Ok((mut stream, _)) = listener.accept().await {
+                    let _ = stream.write_all(format!("{pid} unix\n").as_bytes()).await;
+                }
             }
         });
     }
     if let Some(path) = &args.unix_dgram {
-        let socket = handoff.unix_datagram("unix-dgram", path)?;
-        tasks.spawn(async move {
-            let mut buf = [0u8; 512];
-            while let Ok((_, peer)) = socket.recv_from(&mut buf).await {
-                if let Some(peer) = peer.as_pathname() {
-                    let _ = socket
-                        .send_to(format!("{pid} unix-dgram").as_bytes(), peer)
-                        .await;
+        let socket = Arc::new(handoff.unix_datagram("unix-dgram", path)?);
+        serve_while(&mut tasks, &handoff, move || {
+            let socket = socket.clone();
+            async move {
+                let mut buf = [0u8; 512];
+                while let Ok((_, peer)) = socket.recv_from(&mut buf).await {
+                    if let Some(peer) = peer.as_pathname() {
+                        let _ = socket
+                            .send_to(format!("{pid} unix-dgram").as_bytes(), peer)
+                            .await;
+                    }
                 }
             }
         });
@@ -116,23 +131,39 @@ async fn run(handoff: Handoff, args: Args) -> Result<ExitCode, Box<dyn std::erro
     ));
     handoff.ready()?;
     say(format_args!("ready pid={pid} generation={generation}"));
-    let reason = handoff.stopping().await;
-    // Stop serving: dropping the tasks drops (closes) this process's copies.
-    tasks.shutdown().await;
-    say(format_args!(
-        "stopping pid={pid} generation={generation} reason={:?} connections=0",
-        reason.to_string()
-    ));
-    if let handoff::StopReason::Upgraded { successor } = reason {
+    support::crash_if_asked();
+    loop {
+        let reason = handoff.stopping().await;
         say(format_args!(
-            "upgrade succeeded pid={pid} generation={generation} successor={successor}"
+            "stopping pid={pid} generation={generation} reason={:?} connections=0",
+            reason.to_string()
         ));
+        if let handoff::StopReason::Upgraded { successor } = reason {
+            say(format_args!(
+                "upgrade succeeded pid={pid} generation={generation} successor={successor}"
+            ));
+        }
+        // Waits out the probation; `Resume` if the successor died meanwhile.
+        if handoff.finish().await == handoff::Finish::Exit {
+            break;
+        }
+        say(format_args!("resumed pid={pid} generation={generation}"));
     }
-    // Before exiting: wait out the probation and hand the service over. This
-    // example does not accept again after a take-back (see Handoff::serve).
-    let _ = handoff.finish().await;
+    // The tasks have ended; dropping them closes this process's copies.
+    tasks.shutdown().await;
     say(format_args!(
         "exit pid={pid} generation={generation} cut=0 waited_ms=0"
     ));
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the task `start` makes in `tasks` while this process serves (see
+/// `Handoff::while_serving`).
+fn serve_while<F, Fut>(tasks: &mut JoinSet<()>, handoff: &Handoff, start: F)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let handoff = handoff.clone();
+    tasks.spawn(async move { handoff.while_serving(start).await });
 }

@@ -126,32 +126,43 @@ async fn run(handoff: Handoff, args: Args) -> Result<ExitCode, Box<dyn std::erro
 
     let drain = Drain::new();
     let next_id = Arc::new(AtomicU64::new(1));
+    // Accepts while this process serves: paused on a handover, resumed if the
+    // successor dies and this process takes the socket back.
+    let listener = Arc::new(listener);
     let accepting = {
         let (handoff, drain) = (handoff.clone(), drain.clone());
         tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = handoff.stopping() => break,
-                    accepted = listener.accept() => if let Ok((stream, _)) = accepted {
-                        let guard = drain.track();
-                        let (queue, next_id) = (queue.clone(), next_id.clone());
-                        let service = hyper::service::service_fn(move |request| {
-                            handle(request, queue.clone(), next_id.clone(), pid, generation)
-                        });
-                        tokio::spawn(async move {
-                            let connection = hyper::server::conn::http1::Builder::new()
-                                .keep_alive(false)
-                                .serve_connection(TokioIo::new(stream), service);
-                            tokio::select! {
-                                _ = connection => {}
-                                () = guard.cut() => {}
+            handoff
+                .while_serving(move || {
+                    let (listener, drain, queue, next_id) = (
+                        listener.clone(),
+                        drain.clone(),
+                        queue.clone(),
+                        next_id.clone(),
+                    );
+                    async move {
+                        loop {
+                            if let Ok((stream, _)) = listener.accept().await {
+                                let guard = drain.track();
+                                let (queue, next_id) = (queue.clone(), next_id.clone());
+                                let service = hyper::service::service_fn(move |request| {
+                                    handle(request, queue.clone(), next_id.clone(), pid, generation)
+                                });
+                                tokio::spawn(async move {
+                                    let connection = hyper::server::conn::http1::Builder::new()
+                                        .keep_alive(false)
+                                        .serve_connection(TokioIo::new(stream), service);
+                                    tokio::select! {
+                                        _ = connection => {}
+                                        () = guard.cut() => {}
+                                    }
+                                    drop(guard);
+                                });
                             }
-                            drop(guard);
-                        });
+                        }
                     }
-                }
-            }
+                })
+                .await;
         })
     };
     say(format_args!(
@@ -160,12 +171,20 @@ async fn run(handoff: Handoff, args: Args) -> Result<ExitCode, Box<dyn std::erro
     handoff.ready()?;
     say(format_args!("ready pid={pid} generation={generation}"));
 
-    let reason = handoff.stopping().await;
-    say(format_args!(
-        "stopping pid={pid} generation={generation} reason={:?} connections={}",
-        reason.to_string(),
-        drain.active()
-    ));
+    loop {
+        let reason = handoff.stopping().await;
+        say(format_args!(
+            "stopping pid={pid} generation={generation} reason={:?} connections={}",
+            reason.to_string(),
+            drain.active()
+        ));
+        // After a handover: wait out the probation before closing anything
+        // for good; `Resume` if the successor died and the socket came back.
+        if handoff.finish().await == handoff::Finish::Exit {
+            break;
+        }
+        say(format_args!("resumed pid={pid} generation={generation}"));
+    }
 
     let mut shutdown = Shutdown::new(args.overall_timeout);
     shutdown
@@ -192,8 +211,6 @@ async fn run(handoff: Handoff, args: Args) -> Result<ExitCode, Box<dyn std::erro
         move || async move { flush(&path, &store, &jobs).await.map_err(|e| e.to_string()) }
     });
     let report = shutdown.run(handoff.forced()).await;
-    // Before exiting: wait out the probation and hand the service over.
-    let _ = handoff.finish().await;
     for c in &report.components {
         let outcome = match &c.outcome {
             Outcome::Closed => "closed".to_owned(),

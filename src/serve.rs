@@ -227,6 +227,57 @@ impl Serve {
     }
 }
 
+impl Handoff {
+    /// Runs the task `start` makes while this process serves: it is dropped
+    /// (closing what it owns only if it owns it) when the process hands over
+    /// or stops, and started again after a take-back. Returns when the
+    /// process stops for good (a stop signal, or [`finish`](Handoff::finish)
+    /// after a handover) or when the task ends by itself. For sockets that
+    /// [`Serve`] does not fit (UDP, a protocol of one's own), with the
+    /// sockets shared (`Arc`) so that a take-back finds them open.
+    ///
+    /// ```no_run
+    /// # async fn f(handoff: handoff::Handoff, socket: std::sync::Arc<tokio::net::UdpSocket>) {
+    /// let serving = tokio::spawn({
+    ///     let handoff = handoff.clone();
+    ///     async move {
+    ///         handoff
+    ///             .while_serving(|| {
+    ///                 let socket = socket.clone();
+    ///                 async move {
+    ///                     let mut buf = [0u8; 512];
+    ///                     while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+    ///                         let _ = socket.send_to(&buf[..n], peer).await;
+    ///                     }
+    ///                 }
+    ///             })
+    ///             .await
+    ///     }
+    /// });
+    /// handoff.ready().unwrap();
+    /// loop {
+    ///     handoff.stopping().await;
+    ///     if handoff.finish().await == handoff::Finish::Exit {
+    ///         break; // else: taken back, serving again
+    ///     }
+    /// }
+    /// let _ = serving.await;
+    /// # }
+    /// ```
+    pub async fn while_serving<F, Fut>(&self, mut start: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        while self.serving().await {
+            tokio::select! {
+                _ = self.stopping() => {}
+                () = start() => return,
+            }
+        }
+    }
+}
+
 /// Accepts until `stop`, backing off when accepting fails (out of fds), with
 /// at most one warning a second.
 async fn accept_loop<L, H, F>(listener: Arc<L>, stop: CancellationToken, drain: Drain, handler: H)

@@ -12,20 +12,8 @@ use common::http::get;
 use common::load::Load;
 use common::{signal, wait_exit, Options, Server, DEADLINE};
 
-/// Makes the next upgrade run the real binary with `HANDOFF_DEMO_FAULT=fault`
-/// (a shell script that `exec`s it, so the PID and the fds stay the same).
 fn inject(server: &Server, fault: &str) {
-    let real = server.dir.path().join("real-http_server");
-    let example = common::example_path("http_server");
-    {
-        let _lock = common::binary_lock();
-        fs::copy(example, &real).expect("copy the binary");
-    }
-    let script = format!(
-        "#!/bin/sh\nHANDOFF_DEMO_FAULT='{fault}' exec '{}' \"$@\"\n",
-        real.display()
-    );
-    server.replace_binary(Some(script.as_bytes()), 0o755);
+    server.inject_fault("http_server", fault);
 }
 
 fn refusals(errors: &[String]) -> usize {

@@ -48,10 +48,8 @@ fn all_answer(server: &Server, udp: SocketAddr, dir: &Path, pid: u32) {
     std::fs::remove_file(reply_path).unwrap();
 }
 
-#[test]
-fn every_kind_of_fd_is_handed_over_and_cleaned_up() {
-    let dir = common::TempDir::new("fd-kinds");
-    let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+fn start_every_kind(dir: &Path) -> (Server, SocketAddr) {
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
     let mut options = Options::new("multi_socket").arg("--tcp").arg("127.0.0.1:0");
     if ipv6_loopback() {
         options = options.arg("--tcp").arg("[::1]:0");
@@ -70,6 +68,30 @@ fn every_kind_of_fd_is_handed_over_and_cleaned_up() {
         .events
         .wait(0, DEADLINE, "the listening line", |l| l.is("listening"));
     let udp: SocketAddr = listening.get("udp").parse().expect("udp address");
+    (server, udp)
+}
+
+/// A successor that crashes right after it said ready: the old process
+/// takes every kind of socket back and answers on each again.
+#[test]
+fn every_kind_of_fd_is_taken_back_from_a_successor_that_crashes() {
+    let dir = common::TempDir::new("fd-kinds-take-back");
+    let (server, udp) = start_every_kind(dir.path());
+    let old = server.first_pid;
+    server.inject_fault("multi_socket", "abort-after-ready=30");
+    let from = server.events.len();
+    server.upgrade().expect("the upgrade itself succeeds");
+    server.events.wait(from, DEADLINE, "the take-back", |l| {
+        l.is("resumed") && l.num("pid") == u64::from(old)
+    });
+    all_answer(&server, udp, dir.path(), old);
+    assert_eq!(server.serving_pid(), old);
+}
+
+#[test]
+fn every_kind_of_fd_is_handed_over_and_cleaned_up() {
+    let dir = common::TempDir::new("fd-kinds");
+    let (server, udp) = start_every_kind(dir.path());
     all_answer(&server, udp, dir.path(), server.first_pid);
 
     // Rename the log: later generations must keep writing through the fd

@@ -162,8 +162,8 @@ fn run_bare() -> Result<ExitCode, Box<dyn Error>> {
             "stopping pid={pid} generation={generation} reason={:?} connections=0",
             reason.to_string()
         ));
-        // Before exiting: wait out the probation and hand the service over. This
-        // example does not accept again after a take-back (see Handoff::serve).
+        // Before exiting: wait out the probation and hand the service over.
+        // (This server accepts nothing, so a take-back has nothing to resume.)
         let _ = handoff.finish().await;
         say(format_args!(
             "exit pid={pid} generation={generation} cut=0 waited_ms=0"

@@ -138,6 +138,16 @@ pub fn fault() -> Fault {
     *FAULT.get().unwrap_or(&Fault::None)
 }
 
+/// Right after `ready()`: the `abort-after-ready` fault's crash, if asked for.
+pub fn crash_if_asked() {
+    if let Fault::AbortAfterReady(ms) = fault() {
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            std::process::abort();
+        });
+    }
+}
+
 /// An example's `main`: logging; the `Handoff` built before any thread starts
 /// (it reads and scrubs the environment); then `body` on a tokio runtime.
 /// `cannot_start` is the exit status when the server could not start.
@@ -207,12 +217,7 @@ where
     }
     handoff.ready()?;
     say(format_args!("ready pid={pid} generation={generation}"));
-    if let Fault::AbortAfterReady(ms) = fault() {
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-            std::process::abort();
-        });
-    }
+    crash_if_asked();
     let observed = drain.clone();
     let report = handoff::Serve::new(&handoff)
         .drain(drain.clone())

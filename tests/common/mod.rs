@@ -341,6 +341,23 @@ impl Server {
         }
     }
 
+    /// Makes the next upgrade run the real `example` with
+    /// `HANDOFF_DEMO_FAULT=fault` (a shell script that `exec`s it, so the PID
+    /// and the fds stay the same).
+    pub fn inject_fault(&self, example: &str, fault: &str) {
+        let real = self.dir.path().join(format!("real-{example}"));
+        let source = example_path(example);
+        {
+            let _lock = binary_lock();
+            fs::copy(source, &real).expect("copy the binary");
+        }
+        let script = format!(
+            "#!/bin/sh\nHANDOFF_DEMO_FAULT='{fault}' exec '{}' \"$@\"\n",
+            real.display()
+        );
+        self.replace_binary(Some(script.as_bytes()), 0o755);
+    }
+
     /// Puts the real example binary back at the server's path.
     pub fn restore_binary(&self, example: &str) {
         let example = example_path(example);
