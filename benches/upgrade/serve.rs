@@ -137,7 +137,11 @@ fn bind_reuseport(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// library itself costs per listener, apart from what a server does with each.
 fn run_bare() -> Result<ExitCode, Box<dyn Error>> {
     let count: usize = std::env::var(LISTENERS_VAR)?.parse()?;
-    let handoff = handoff::Handoff::builder().build()?;
+    // No probation: the benchmark waits for each old process's exit (see
+    // `server::http_server`).
+    let handoff = handoff::Handoff::builder()
+        .probation(std::time::Duration::ZERO)
+        .build()?;
     let (pid, generation) = (std::process::id(), handoff.generation());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

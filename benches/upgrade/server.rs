@@ -21,6 +21,10 @@ pub fn http_server(ctx: &Ctx, listen: &[String]) -> Command {
     for addr in listen {
         command.arg("--listen").arg(addr);
     }
+    // Each upgrade waits for the old process's exit: a probation would only
+    // add its length to every round. What is measured (ready, stopping)
+    // happens before it.
+    command.arg("--probation").arg("0");
     command.current_dir(&ctx.tmp);
     command
 }
