@@ -57,6 +57,7 @@ pub mod control;
 mod drain;
 mod env;
 mod error;
+mod escape;
 mod fds;
 mod handoff;
 mod lifecycle;
@@ -66,10 +67,12 @@ mod pidfile;
 mod readiness;
 mod serve;
 mod service;
+mod serving;
 mod shutdown;
 mod signals;
 mod socket;
 mod spawn;
+mod stop;
 pub mod supervisor;
 mod upgrade;
 
@@ -80,12 +83,12 @@ pub use drain::{ConnectionGuard, Drain, DrainReport};
 pub use env::StartMode;
 pub use error::{EnvError, Error, UpgradeError};
 pub use handoff::{
-    Builder, Finish, Handoff, StopReason, DEFAULT_KILL_GRACE, DEFAULT_PROBATION,
-    DEFAULT_UPGRADE_TIMEOUT,
+    Builder, Handoff, StopReason, DEFAULT_KILL_GRACE, DEFAULT_PROBATION, DEFAULT_UPGRADE_TIMEOUT,
 };
 pub use serve::{Accept, Serve, ServeEvent};
 pub use shutdown::{ComponentReport, Outcome, Shutdown, ShutdownReport, Stage, Workers};
 pub use socket::FdKind;
+pub use stop::Finish;
 pub use upgrade::{UpgradeEvent, UpgradeTicket};
 
 /// The README's code examples, compiled as doc tests.

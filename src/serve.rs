@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::drain::{ConnectionGuard, Drain, DrainReport};
-use crate::handoff::{Finish, Handoff, StopReason};
+use crate::handoff::{Handoff, StopReason};
+use crate::stop::Finish;
 
 /// A listener [`Serve`] can accept on: tokio's TCP and Unix listeners.
 ///

@@ -14,10 +14,11 @@ use tokio::sync::{broadcast, oneshot};
 
 use crate::channel::{self, Channel};
 use crate::env::{
-    Escaped, HANDOFF_CHANNEL_FD, HANDOFF_GENERATION, HANDOFF_NOTIFY_UPSTREAM, HANDOFF_SOCKET_PATHS,
+    HANDOFF_CHANNEL_FD, HANDOFF_GENERATION, HANDOFF_NOTIFY_UPSTREAM, HANDOFF_SOCKET_PATHS,
     LISTEN_FDS_START, MAX_GENERATION,
 };
 use crate::error::UpgradeError;
+use crate::escape::Escaped;
 use crate::handoff::{lock, Handoff};
 use crate::lifecycle::Phase;
 use crate::spawn::{exit_error, spawn, Child, SpawnSpec, Successor};

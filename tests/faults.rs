@@ -504,3 +504,124 @@ fn sighups_during_start_up_run_one_upgrade_once_serving() {
         "three SIGHUPs while starting: one upgrade"
     );
 }
+
+/// Not every exit of a successor is a crash: one stopped on purpose (exit 0),
+/// or one that upgraded again, is never taken back by its predecessor.
+#[test]
+fn a_successor_that_exits_cleanly_or_upgrades_again_is_not_taken_back() {
+    let server = Server::start_with(
+        Options::new("http_server")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--probation")
+            .arg("30"),
+    );
+    // Upgraded again: the second generation hands over to a third, which
+    // ends the first one's probation at once (not after 30 s).
+    let first = server.first_pid;
+    let second = server.upgrade().expect("first upgrade");
+    let third = server.upgrade().expect("second upgrade");
+    assert_eq!(
+        wait_exit(first, DEADLINE),
+        Some(Some(0)),
+        "the first generation exits"
+    );
+    // Stopped on purpose: SIGTERM to the third generation while the second
+    // is in its probation. The second must not resume.
+    let from = server.events.len();
+    signal(third, libc::SIGTERM);
+    // Its parent (the second generation) reaps it; its own line says how it ended.
+    server
+        .events
+        .wait(from, DEADLINE, "the third generation's exit", |l| {
+            l.is("exit") && l.num("pid") == u64::from(third) && l.num("cut") == 0
+        });
+    assert!(wait_exit(third, DEADLINE).is_some());
+    assert_eq!(
+        wait_exit(second, DEADLINE),
+        Some(Some(0)),
+        "the second one exits too"
+    );
+    let lines = server.events.snapshot();
+    assert!(
+        !lines[from..].iter().any(|l| l.starts_with("resumed")),
+        "nobody took the sockets back:\n{}",
+        lines.join("\n")
+    );
+    assert!(
+        server
+            .stderr_all()
+            .contains("the successor exited cleanly; not taking back"),
+        "{}",
+        server.stderr_tail()
+    );
+}
+
+/// Accepting when the fd table is full backs off and warns at most once a
+/// second (not once per failed accept), and serving resumes when fds free up.
+#[test]
+fn accept_failures_back_off_with_rate_limited_warnings() {
+    let server = Server::start("http_server");
+    let pid = server.first_pid;
+    let mut initial = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit with no new limit only writes the current one.
+    assert_eq!(
+        unsafe {
+            libc::prlimit(
+                pid as i32,
+                libc::RLIMIT_NOFILE,
+                std::ptr::null(),
+                &mut initial,
+            )
+        },
+        0
+    );
+    // The limit bounds fd numbers: the lowest free one leaves no fd to open.
+    let open: std::collections::BTreeSet<u64> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    let lowest_free = (0..).find(|n| !open.contains(n)).unwrap();
+    let full = libc::rlimit {
+        rlim_cur: lowest_free,
+        rlim_max: initial.rlim_max,
+    };
+    // SAFETY: prlimit only reads `full`.
+    assert_eq!(
+        unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &full, std::ptr::null_mut()) },
+        0
+    );
+    // Clients waiting in the backlog: every accept now fails with EMFILE.
+    let waiting: Vec<_> = (0..8)
+        .map(|_| std::net::TcpStream::connect(server.addr()).expect("queued in the backlog"))
+        .collect();
+    let warnings = || server.stderr_all().matches("accept failed").count();
+    server.wait_until("the first accept failure", || warnings() >= 1);
+    let since = std::time::Instant::now();
+    server.wait_until("two seconds of failing accepts", || {
+        since.elapsed() >= std::time::Duration::from_secs(2)
+    });
+    let count = warnings();
+    println!("accept failures: {count} warnings in about 2 s");
+    assert!(count <= 4, "at most one warning a second, got {count}");
+    // SAFETY: prlimit only reads `initial`.
+    assert_eq!(
+        unsafe {
+            libc::prlimit(
+                pid as i32,
+                libc::RLIMIT_NOFILE,
+                &initial,
+                std::ptr::null_mut(),
+            )
+        },
+        0
+    );
+    drop(waiting);
+    server.wait_until("serving again", || {
+        get(server.addr(), "/").ok().and_then(|r| r.pid()) == Some(pid)
+    });
+}
