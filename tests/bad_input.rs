@@ -60,13 +60,7 @@ fn run(env: &[(&str, &str)], fd: Option<RawFd>, own_listen_pid: bool, args: &[&s
         command.pre_exec(move || {
             let failed = || Err(std::io::Error::last_os_error());
             if let Some(fd) = fd {
-                // dup2(3, 3) would keep FD_CLOEXEC: clear it instead.
-                let rc = if fd == 3 {
-                    libc::fcntl(3, libc::F_SETFD, 0)
-                } else {
-                    libc::dup2(fd, 3)
-                };
-                if rc < 0 {
+                if place_at_3(fd) < 0 {
                     return failed();
                 }
             }
@@ -98,6 +92,20 @@ fn run(env: &[(&str, &str)], fd: Option<RawFd>, own_listen_pid: bool, args: &[&s
         .expect("child")
         .wait_with_output()
         .expect("collect output")
+}
+
+/// In a child before `exec`: makes `fd` the inheritable fd 3 (`dup2(3, 3)`
+/// would keep `FD_CLOEXEC`, so fd 3 itself gets the flag cleared instead).
+/// Async-signal-safe; returns what the system call did (negative on error).
+fn place_at_3(fd: RawFd) -> libc::c_int {
+    // SAFETY: fcntl and dup2 only touch this process's fd table.
+    unsafe {
+        if fd == 3 {
+            libc::fcntl(3, libc::F_SETFD, 0)
+        } else {
+            libc::dup2(fd, 3)
+        }
+    }
 }
 
 /// Waits for the process to exit without reaping it (`wait_with_output` does).
@@ -399,16 +407,11 @@ fn an_inherited_name_with_control_characters_is_logged_escaped() {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // SAFETY: dup2 and fcntl are async-signal-safe and only touch the
+        // SAFETY: place_at_3 is async-signal-safe and only touches the
         // child's fd table.
         unsafe {
             command.pre_exec(move || {
-                let rc = if fd == 3 {
-                    libc::fcntl(3, libc::F_SETFD, 0)
-                } else {
-                    libc::dup2(fd, 3)
-                };
-                if rc < 0 {
+                if place_at_3(fd) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())

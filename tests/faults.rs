@@ -20,6 +20,80 @@ fn refusals(errors: &[String]) -> usize {
     errors.iter().filter(|e| e.contains("refused")).count()
 }
 
+/// Starts an upgrade of the first generation to a successor with `fault`,
+/// and waits until that successor has claimed its sockets. Returns the
+/// successor's PID and where its events begin.
+fn upgrade_to_faulty(server: &Server, fault: &str) -> (u32, usize) {
+    let old = server.first_pid;
+    inject(server, fault);
+    let from = server.events.len();
+    signal(old, libc::SIGHUP);
+    let (_, listening) = server
+        .events
+        .wait(from, DEADLINE, "the successor to start", |l| {
+            l.is("listening") && l.num("pid") != u64::from(old)
+        });
+    (listening.num("pid") as u32, from)
+}
+
+/// A process's fd limit (`RLIMIT_NOFILE`), read and set from outside.
+struct FdLimit {
+    pid: u32,
+    initial: libc::rlimit,
+}
+
+impl FdLimit {
+    fn of(pid: u32) -> FdLimit {
+        let mut initial = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: prlimit with no new limit only writes the current one.
+        let rc = unsafe {
+            libc::prlimit(
+                pid as i32,
+                libc::RLIMIT_NOFILE,
+                std::ptr::null(),
+                &mut initial,
+            )
+        };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+        FdLimit { pid, initial }
+    }
+
+    fn set(&self, soft: u64) {
+        let limit = libc::rlimit {
+            rlim_cur: soft.min(self.initial.rlim_max),
+            rlim_max: self.initial.rlim_max,
+        };
+        // SAFETY: prlimit only reads `limit`.
+        let rc = unsafe {
+            libc::prlimit(
+                self.pid as i32,
+                libc::RLIMIT_NOFILE,
+                &limit,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    }
+
+    /// Leaves the process exactly `extra` fds to open: the limit bounds fd
+    /// numbers, so it goes at the `extra`-th free one.
+    fn leave(&self, extra: usize) {
+        let open: std::collections::BTreeSet<u64> = fs::read_dir(format!("/proc/{}/fd", self.pid))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect();
+        self.set((0..).filter(|n| !open.contains(n)).nth(extra).unwrap());
+    }
+
+    fn restore(&self) {
+        self.set(self.initial.rlim_cur);
+    }
+}
+
 #[test]
 fn a_successor_that_crashes_after_ready_is_taken_back_under_load() {
     let server = Server::start_with(
@@ -83,20 +157,7 @@ fn a_successor_whose_parent_is_killed_mid_upgrade_serves_alone() {
     let old = server.first_pid;
     let load = Load::start(server.addr(), 2, 2);
     load.wait_for_more(50);
-    inject(&server, "slow-ready=1500");
-    let from = server.events.len();
-    signal(old, libc::SIGHUP);
-    server
-        .events
-        .wait(from, DEADLINE, "the upgrade to start", |l| {
-            l.is("upgrade started") && l.num("pid") == u64::from(old)
-        });
-    let (_, listening) = server
-        .events
-        .wait(from, DEADLINE, "the successor to listen", |l| {
-            l.is("listening") && l.num("pid") != u64::from(old)
-        });
-    let successor = listening.num("pid") as u32;
+    let (successor, from) = upgrade_to_faulty(&server, "slow-ready=1500");
     // The OOM killer takes the old process while its successor starts.
     signal(old, libc::SIGKILL);
     assert!(wait_exit(old, DEADLINE).is_some(), "the old process died");
@@ -267,51 +328,12 @@ fn running_out_of_fds_at_any_step_of_the_spawn_rolls_back_cleanly() {
             .arg("0"),
     );
     let pid = server.first_pid;
-    let mut initial = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: prlimit with no new limit only writes the current one to `initial`.
-    let rc = unsafe {
-        libc::prlimit(
-            pid as i32,
-            libc::RLIMIT_NOFILE,
-            std::ptr::null(),
-            &mut initial,
-        )
-    };
-    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
-    let set_limit = |limit: u64| {
-        let rlimit = libc::rlimit {
-            rlim_cur: limit.min(initial.rlim_max),
-            rlim_max: initial.rlim_max,
-        };
-        // SAFETY: prlimit reads the struct and writes nothing back (old = null).
-        let rc = unsafe {
-            libc::prlimit(
-                pid as i32,
-                libc::RLIMIT_NOFILE,
-                &rlimit,
-                std::ptr::null_mut(),
-            )
-        };
-        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
-    };
-    // The limit bounds fd numbers: to leave exactly `extra` fds to open, set
-    // it to the `extra`-th free number.
-    let limit_leaving = |extra: usize| -> u64 {
-        let open: std::collections::BTreeSet<u64> = fs::read_dir(format!("/proc/{pid}/fd"))
-            .unwrap()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse().ok())
-            .collect();
-        (0..).filter(|n| !open.contains(n)).nth(extra).unwrap()
-    };
+    let limit = FdLimit::of(pid);
     let mut failures = Vec::new();
     for extra in 0..8 {
-        set_limit(limit_leaving(extra));
+        limit.leave(extra);
         let outcome = server.upgrade();
-        set_limit(initial.rlim_cur);
+        limit.restore();
         match outcome {
             Ok(_) => break,
             Err(error) => {
@@ -342,15 +364,7 @@ fn running_out_of_fds_at_any_step_of_the_spawn_rolls_back_cleanly() {
 fn the_readiness_channel_cannot_be_reached_by_another_user() {
     let server = Server::start("http_server");
     let old = server.first_pid;
-    inject(&server, "slow-ready=1000");
-    let from = server.events.len();
-    signal(old, libc::SIGHUP);
-    let (_, listening) = server
-        .events
-        .wait(from, DEADLINE, "the successor to start", |l| {
-            l.is("listening") && l.num("pid") != u64::from(old)
-        });
-    let successor = listening.num("pid") as u32;
+    let (successor, from) = upgrade_to_faulty(&server, "slow-ready=1000");
     // Every Unix socket either process holds, by inode, and its name if any.
     let named: std::collections::HashMap<u64, String> = fs::read_to_string("/proc/net/unix")
         .unwrap()
@@ -438,15 +452,7 @@ fn a_server_that_is_pid_1_refuses_to_upgrade_and_says_why() {
 fn an_upgrade_cut_short_by_sigterm_is_reported_as_abandoned() {
     let server = Server::start("http_server");
     let old = server.first_pid;
-    inject(&server, "slow-ready=30000");
-    let from = server.events.len();
-    signal(old, libc::SIGHUP);
-    let (_, listening) = server
-        .events
-        .wait(from, DEADLINE, "the successor to start", |l| {
-            l.is("listening") && l.num("pid") != u64::from(old)
-        });
-    let candidate = listening.num("pid") as u32;
+    let (candidate, from) = upgrade_to_faulty(&server, "slow-ready=30000");
     signal(old, libc::SIGTERM);
     let (_, failed) = server
         .events
@@ -469,16 +475,7 @@ fn an_upgrade_cut_short_by_sigterm_is_reported_as_abandoned() {
 #[test]
 fn sighups_during_start_up_run_one_upgrade_once_serving() {
     let server = Server::start("http_server");
-    let old = server.first_pid;
-    inject(&server, "slow-ready=500");
-    let from = server.events.len();
-    signal(old, libc::SIGHUP);
-    let (_, listening) = server
-        .events
-        .wait(from, DEADLINE, "the successor to start", |l| {
-            l.is("listening") && l.num("pid") != u64::from(old)
-        });
-    let new = listening.num("pid") as u32;
+    let (new, from) = upgrade_to_faulty(&server, "slow-ready=500");
     for _ in 0..3 {
         signal(new, libc::SIGHUP);
     }
@@ -563,38 +560,8 @@ fn a_successor_that_exits_cleanly_or_upgrades_again_is_not_taken_back() {
 fn accept_failures_back_off_with_rate_limited_warnings() {
     let server = Server::start("http_server");
     let pid = server.first_pid;
-    let mut initial = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: prlimit with no new limit only writes the current one.
-    assert_eq!(
-        unsafe {
-            libc::prlimit(
-                pid as i32,
-                libc::RLIMIT_NOFILE,
-                std::ptr::null(),
-                &mut initial,
-            )
-        },
-        0
-    );
-    // The limit bounds fd numbers: the lowest free one leaves no fd to open.
-    let open: std::collections::BTreeSet<u64> = fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect();
-    let lowest_free = (0..).find(|n| !open.contains(n)).unwrap();
-    let full = libc::rlimit {
-        rlim_cur: lowest_free,
-        rlim_max: initial.rlim_max,
-    };
-    // SAFETY: prlimit only reads `full`.
-    assert_eq!(
-        unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &full, std::ptr::null_mut()) },
-        0
-    );
+    let limit = FdLimit::of(pid);
+    limit.leave(0);
     // Clients waiting in the backlog: every accept now fails with EMFILE.
     let waiting: Vec<_> = (0..8)
         .map(|_| std::net::TcpStream::connect(server.addr()).expect("queued in the backlog"))
@@ -608,18 +575,7 @@ fn accept_failures_back_off_with_rate_limited_warnings() {
     let count = warnings();
     println!("accept failures: {count} warnings in about 2 s");
     assert!(count <= 4, "at most one warning a second, got {count}");
-    // SAFETY: prlimit only reads `initial`.
-    assert_eq!(
-        unsafe {
-            libc::prlimit(
-                pid as i32,
-                libc::RLIMIT_NOFILE,
-                &initial,
-                std::ptr::null_mut(),
-            )
-        },
-        0
-    );
+    limit.restore();
     drop(waiting);
     server.wait_until("serving again", || {
         get(server.addr(), "/").ok().and_then(|r| r.pid()) == Some(pid)
