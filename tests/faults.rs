@@ -581,3 +581,79 @@ fn accept_failures_back_off_with_rate_limited_warnings() {
         get(server.addr(), "/").ok().and_then(|r| r.pid()) == Some(pid)
     });
 }
+
+/// In the server before `exec`: a seccomp filter that makes every
+/// `pidfd_open` fail with `EMFILE` (inherited by everything it starts).
+#[cfg(target_arch = "x86_64")]
+fn deny_pidfd_open() -> std::io::Result<()> {
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    let stmt = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jump = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+        jt,
+        jf,
+        k,
+    };
+    let load = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u32;
+    let ret = (libc::BPF_RET | libc::BPF_K) as u32;
+    let filter = [
+        stmt(load, 4), // seccomp_data.arch
+        jump(AUDIT_ARCH_X86_64, 0, 3),
+        stmt(load, 0), // seccomp_data.nr
+        jump(libc::SYS_pidfd_open as u32, 0, 1),
+        stmt(ret, libc::SECCOMP_RET_ERRNO | libc::EMFILE as u32),
+        stmt(ret, libc::SECCOMP_RET_ALLOW),
+    ];
+    let program = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: prctl with these options reads `program` (alive here) and only
+    // changes this process's own syscall filter.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &program) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// `pidfd_open` fails after the fork (EMFILE, or a seccomp policy): the new
+/// process is killed and reaped, the upgrade fails with the reason, nothing
+/// hangs, and SIGTERM still stops the server.
+#[test]
+fn a_failing_pidfd_open_rolls_back_without_a_hang() {
+    if !cfg!(target_arch = "x86_64") {
+        eprintln!("SKIPPED: the seccomp filter is written for x86_64");
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let server = Server::start_with(Options {
+            pre_exec: Some(deny_pidfd_open),
+            ..Options::new("http_server")
+                .arg("--listen")
+                .arg("127.0.0.1:0")
+        });
+        let pid = server.first_pid;
+        let error = server.upgrade().expect_err("no pidfd, no upgrade");
+        assert!(error.contains("cannot open a pidfd"), "{error}");
+        server.wait_until("the new process to be killed and reaped", || {
+            server.processes() == vec![pid] && common::zombie_children(pid).is_empty()
+        });
+        assert_eq!(get(server.addr(), "/").unwrap().pid(), Some(pid));
+        signal(pid, libc::SIGTERM);
+        assert_eq!(
+            wait_exit(pid, DEADLINE),
+            Some(Some(0)),
+            "SIGTERM still works"
+        );
+    }
+}

@@ -119,6 +119,8 @@ pub struct Options<'a> {
     /// The wrapper starts the server as PID 1 of a new PID namespace
     /// (`unshare --pid --fork`): its event lines say `pid=1`.
     pub pid_namespace: bool,
+    /// Runs in the server's process before `exec` (async-signal-safe code only).
+    pub pre_exec: Option<fn() -> std::io::Result<()>>,
 }
 
 impl<'a> Options<'a> {
@@ -130,6 +132,7 @@ impl<'a> Options<'a> {
             wrapper: Vec::new(),
             connect_first: None,
             pid_namespace: false,
+            pre_exec: None,
         }
     }
 
@@ -175,6 +178,12 @@ impl Server {
             .stderr(stderr);
         for (key, value) in &options.env {
             command.env(key, value);
+        }
+        if let Some(hook) = options.pre_exec {
+            // SAFETY: the hook is async-signal-safe, as the field requires.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut command, hook);
+            }
         }
         let mut child = spawn_retrying(&mut command);
         drop(lock);
