@@ -599,8 +599,8 @@ fn deny_pidfd_open() -> std::io::Result<()> {
         jf,
         k,
     };
-    let load = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u32;
-    let ret = (libc::BPF_RET | libc::BPF_K) as u32;
+    let load = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
+    let ret = libc::BPF_RET | libc::BPF_K;
     let filter = [
         stmt(load, 4), // seccomp_data.arch
         jump(AUDIT_ARCH_X86_64, 0, 3),
