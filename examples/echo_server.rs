@@ -38,12 +38,17 @@ struct Args {
     flags: support::Flags,
 }
 
-fn main() -> ExitCode {
+#[tokio::main]
+async fn main() -> ExitCode {
     let args = Args::parse();
-    support::run("echo", args.listen, args.flags, |_, _| {
+    support::serve("echo", args.listen, args.flags, |_, serve, listeners| {
         let prefix: Arc<[u8]> = format!("{} ", std::process::id()).into_bytes().into();
-        move |stream, guard| echo(stream, guard, prefix.clone())
+        // The raw-TCP integration: one handler per connection.
+        serve.run(listeners, move |stream, guard| {
+            echo(stream, guard, prefix.clone())
+        })
     })
+    .await
 }
 
 /// Echoes complete lines. Once draining begins, a connection answers what

@@ -1,12 +1,16 @@
-//! A small HTTP/1.1 server (hyper, keep-alive on) that upgrades in place with
-//! `SIGHUP` and drains on `SIGTERM`/`SIGINT`.
+//! A small HTTP server (hyper: HTTP/1.1 keep-alive and HTTP/2 on one port)
+//! that upgrades in place with `SIGHUP` and drains on `SIGTERM`/`SIGINT`,
+//! on `handoff::Serve::http`.
 //!
 //! ```text
 //! http_server [--listen ADDR]... [--pid-file PATH] [--upgrade-timeout SECS] [--drain-timeout SECS]
+//!             [--control PATH] [--drain-delay SECS] [--probation SECS]
 //! ```
 //!
 //! - `GET /` answers `pid=<pid> generation=<n>`.
 //! - `GET /sleep?ms=N` waits N ms (at most 60 s), then answers like `GET /`.
+//! - `GET /healthz` answers 200; `GET /readyz` 503 from the moment the
+//!   process decided to stop.
 //! - `GET /subprocess` runs `/bin/sh -c 'ls -l /proc/$$/fd; env'` and returns
 //!   its output: what a subprocess of the server inherits (fds and variables).
 //!
@@ -37,18 +41,22 @@ struct Args {
     flags: support::Flags,
 }
 
-fn main() -> ExitCode {
+#[tokio::main]
+async fn main() -> ExitCode {
     let args = Args::parse();
-    support::run("http", args.listen, args.flags, |handoff, drain| {
-        let app = Arc::new(http::App {
-            pid: std::process::id(),
-            generation: handoff.generation(),
-            stopping: Some(Box::new({
-                let handoff = handoff.clone();
-                move || handoff.is_stopping()
-            })),
-        });
-        let drain = drain.clone();
-        move |stream, guard| http::serve(stream, guard, drain.clone(), app.clone())
-    })
+    support::serve(
+        "http",
+        args.listen,
+        args.flags,
+        |handoff, serve, listeners| {
+            let handoff = handoff.clone();
+            let app = Arc::new(http::App {
+                pid: std::process::id(),
+                generation: handoff.generation(),
+                ready: Box::new(move || handoff.is_ready()),
+            });
+            serve.http(listeners, http::service(app))
+        },
+    )
+    .await
 }

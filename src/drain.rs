@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// Tracks open connections and drains them with a deadline.
+/// Tracks open connections and drains them with a deadline
+/// ([`Serve`](crate::Serve) does both for the connections it accepts).
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -129,7 +130,7 @@ impl Drain {
         self.inner.active.load(Ordering::SeqCst)
     }
 
-    /// Whether [`drain`](Self::drain) has begun.
+    /// Whether draining has begun.
     ///
     /// ```
     /// assert!(!handoff::Drain::new().is_draining());
@@ -167,7 +168,15 @@ impl Drain {
     /// Tells every connection to finish up ([`ConnectionGuard::draining`]),
     /// then waits until all are closed, `timeout` passes, or `force`
     /// resolves. Connections still open then are told to close at once
-    /// ([`ConnectionGuard::cut`]) and counted in the report.
+    /// ([`ConnectionGuard::cut`]) and counted in the report. The cut comes a
+    /// little before the deadline ([`cut_flush`]), so that a protocol can
+    /// end what it cut properly (a gRPC status) before the process exits;
+    /// the wait never outlasts `timeout`.
+    ///
+    /// This is the library's one drain. [`Serve`](crate::Serve) calls it
+    /// with [`Handoff::forced`](crate::Handoff::forced) as `force`, and also
+    /// keeps systemd informed (`STATUS=`, and `EXTEND_TIMEOUT_USEC=` so that
+    /// a shorter `TimeoutStopSec=` does not cut the drain short).
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -182,7 +191,8 @@ impl Drain {
     pub async fn drain(&self, timeout: Duration, force: impl Future<Output = ()>) -> DrainReport {
         let start = Instant::now();
         self.inner.draining().cancel();
-        let deadline = tokio::time::sleep(timeout);
+        let flush = cut_flush(timeout);
+        let deadline = tokio::time::sleep(timeout - flush);
         tokio::pin!(deadline, force);
         let forced = loop {
             let idle = self.inner.idle.notified();
@@ -200,6 +210,8 @@ impl Drain {
         let cut = self.active();
         if cut > 0 {
             self.inner.cut.cancel();
+            // The cut connections close now; give them the flush time.
+            let _ = tokio::time::timeout(flush, self.idle()).await;
         }
         DrainReport {
             waited: start.elapsed(),
@@ -207,6 +219,25 @@ impl Drain {
             forced,
         }
     }
+
+    /// Resolves once no connection is open.
+    async fn idle(&self) {
+        loop {
+            let idle = self.inner.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.active() == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+/// How long before a drain's deadline its cut comes: a quarter of the
+/// timeout, at most 250 ms.
+fn cut_flush(timeout: Duration) -> Duration {
+    (timeout / 4).min(Duration::from_millis(250))
 }
 
 impl ConnectionGuard {
@@ -216,6 +247,18 @@ impl ConnectionGuard {
     /// request already on its way is answered rather than reset.)
     pub async fn draining(&self) {
         self.draining.cancelled().await
+    }
+
+    /// The drain signal, for code that checks it without awaiting.
+    #[cfg_attr(not(feature = "hyper"), allow(dead_code))]
+    pub(crate) fn draining_token(&self) -> CancellationToken {
+        self.draining.clone()
+    }
+
+    /// The cut signal, for code that checks it without awaiting.
+    #[cfg_attr(not(feature = "tonic"), allow(dead_code))]
+    pub(crate) fn cut_token(&self) -> CancellationToken {
+        self.inner.cut.clone()
     }
 
     /// Whether draining has begun for this connection.

@@ -4,8 +4,9 @@
 //! `LISTEN_PID`, `LISTEN_FDNAMES`, fds from 3 on) plus `HANDOFF_*` variables
 //! for what systemd does not carry. Parsing is strict: a value that is not
 //! exactly what the protocol allows is an error that names the variable.
-//! Every variable read here is removed from the process environment, so the
-//! application's own subprocesses inherit none of them.
+//! Every variable read here is removed from the process environment before
+//! `main` (see `early.rs`), so the application's own subprocesses inherit
+//! none of them.
 
 use std::ffi::OsString;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -115,13 +116,8 @@ pub(crate) fn take_from_process() -> Option<Result<Taken, EnvError>> {
     let mut taken = TAKEN
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let values: Vec<(&str, Option<OsString>)> = CONSUMED
-        .iter()
-        .map(|&var| (var, std::env::var_os(var)))
-        .collect();
-    for var in CONSUMED {
-        std::env::remove_var(var);
-    }
+    // Read and removed before `main` (see early.rs).
+    let values = crate::early::take();
     if *taken {
         return None;
     }

@@ -159,6 +159,7 @@ impl Builder {
                 life: Lifecycle::new(),
                 force: CancellationToken::new(),
                 manager_told: std::sync::atomic::AtomicBool::new(false),
+                signals: std::sync::atomic::AtomicBool::new(false),
                 events,
             }),
         })
@@ -244,6 +245,8 @@ pub(crate) struct Inner {
     pub force: CancellationToken,
     /// Whether systemd was told `MAINPID=` of the successor already.
     pub manager_told: std::sync::atomic::AtomicBool,
+    /// Whether `handle_signals` installed the handler.
+    pub signals: std::sync::atomic::AtomicBool,
     pub events: broadcast::Sender<UpgradeEvent>,
 }
 

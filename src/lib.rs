@@ -52,19 +52,26 @@
 
 #![warn(missing_docs)]
 
+mod accept;
+#[cfg(feature = "axum")]
+pub mod axum;
 mod channel;
 pub mod control;
 mod drain;
+mod early;
 mod env;
 mod error;
 mod escape;
 mod fds;
 mod handoff;
+#[cfg(feature = "hyper")]
+pub mod http;
 mod lifecycle;
 mod listen;
 mod notify;
 mod pidfile;
 mod readiness;
+mod report;
 mod serve;
 mod service;
 mod serving;
@@ -74,18 +81,22 @@ mod socket;
 mod spawn;
 mod stop;
 pub mod supervisor;
+#[cfg(feature = "tonic")]
+pub mod tonic;
 mod upgrade;
 
 #[cfg(test)]
 mod testutil;
 
+pub use accept::{Accept, IntoListeners};
 pub use drain::{ConnectionGuard, Drain, DrainReport};
 pub use env::StartMode;
 pub use error::{EnvError, Error, UpgradeError};
 pub use handoff::{
     Builder, Handoff, StopReason, DEFAULT_KILL_GRACE, DEFAULT_PROBATION, DEFAULT_UPGRADE_TIMEOUT,
 };
-pub use serve::{Accept, Serve, ServeEvent};
+pub use report::Report;
+pub use serve::{Serve, ServeEvent};
 pub use shutdown::{ComponentReport, Outcome, Shutdown, ShutdownReport, Stage, Workers};
 pub use socket::FdKind;
 pub use stop::Finish;

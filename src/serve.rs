@@ -1,46 +1,23 @@
-//! The library's own accept path: accept on the application's listeners
-//! only while this process is the one serving, hand each connection to the
-//! application's handler with a [`ConnectionGuard`], and drain them when the
-//! process hands over or stops, with a deadline. A take-back (the successor
-//! died) resumes accepting on the same listeners.
+//! The serving lifecycle an application runs in one call: signals, ready,
+//! accept on the application's listeners only while this process is the one
+//! serving, hand each connection to the application's handler with a
+//! [`ConnectionGuard`], lame duck, drain with a deadline when the process
+//! hands over or stops, then the ordered [`Shutdown`]. A take-back (the
+//! successor died) resumes accepting on the same listeners.
 
 use std::future::Future;
-use std::io;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::accept::{accept_loop, Accept, IntoListeners};
 use crate::drain::{ConnectionGuard, Drain, DrainReport};
+use crate::error::Error;
 use crate::handoff::{Handoff, StopReason};
+use crate::report::Report;
+use crate::shutdown::Shutdown;
 use crate::stop::Finish;
-
-/// A listener [`Serve`] can accept on: tokio's TCP and Unix listeners.
-///
-/// ```
-/// fn takes_any<L: handoff::Accept>(_: L) {}
-/// # async fn f() { takes_any(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()); }
-/// ```
-pub trait Accept: Send + Sync + 'static {
-    /// An accepted connection.
-    type Conn: Send + 'static;
-    /// Accepts the next connection.
-    fn accept_conn(&self) -> impl Future<Output = io::Result<Self::Conn>> + Send;
-}
-
-impl Accept for tokio::net::TcpListener {
-    type Conn = tokio::net::TcpStream;
-    async fn accept_conn(&self) -> io::Result<Self::Conn> {
-        self.accept().await.map(|(stream, _)| stream)
-    }
-}
-
-impl Accept for tokio::net::UnixListener {
-    type Conn = tokio::net::UnixStream;
-    async fn accept_conn(&self) -> io::Result<Self::Conn> {
-        self.accept().await.map(|(stream, _)| stream)
-    }
-}
 
 /// What [`Serve`] tells its observer (for event lines or metrics).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,22 +41,28 @@ pub enum ServeEvent {
 type Observer = Arc<dyn Fn(&ServeEvent) + Send + Sync>;
 
 /// Serves connections through a process's whole life: upgrades, take-backs,
-/// lame duck, drain with a deadline, a second signal cutting at once.
+/// lame duck, drain with a deadline, a second signal cutting at once. This is
+/// the raw-TCP integration (a handler per connection, for a protocol of the
+/// application's own); `http`, `axum` and `tonic` (cargo features) serve
+/// those protocols with their drain rules.
 ///
 /// ```no_run
-/// # async fn f(handoff: handoff::Handoff) -> Result<(), Box<dyn std::error::Error>> {
 /// use tokio::io::AsyncWriteExt;
-/// let listener = handoff.tcp_listener("echo", "127.0.0.1:7000".parse()?)?;
-/// handoff.handle_signals()?;
-/// handoff.ready()?;
-/// let report = handoff::Serve::new(&handoff)
-///     .drain_timeout(std::time::Duration::from_secs(10))
-///     .run(vec![listener], |mut stream, _guard| async move {
-///         let _ = stream.write_all(b"hello\n").await;
-///     })
-///     .await;
-/// println!("{} connections cut", report.cut);
-/// # Ok(()) }
+///
+/// #[tokio::main]
+/// async fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     let handoff = handoff::Handoff::builder().build()?;
+///     let listener = handoff.tcp_listener("echo", "127.0.0.1:7000".parse()?)?;
+///     let report = handoff::Serve::new(&handoff)
+///         .drain_timeout(std::time::Duration::from_secs(10))
+///         .run(listener, |mut stream, guard| async move {
+///             // A long-lived protocol watches guard.draining() to finish up.
+///             let _ = stream.write_all(b"hello\n").await;
+///             drop(guard);
+///         })
+///         .await?;
+///     std::process::exit(report.exit_code());
+/// }
 /// ```
 pub struct Serve {
     handoff: Handoff,
@@ -87,6 +70,7 @@ pub struct Serve {
     drain_timeout: Duration,
     drain_delay: Duration,
     observer: Option<Observer>,
+    shutdown: Option<Shutdown>,
 }
 
 impl Serve {
@@ -103,6 +87,7 @@ impl Serve {
             drain_timeout: Duration::from_secs(30),
             drain_delay: Duration::ZERO,
             observer: None,
+            shutdown: None,
         }
     }
 
@@ -160,17 +145,81 @@ impl Serve {
         }
     }
 
-    /// Accepts on `listeners` while this process serves (a successor: from
-    /// the moment its parent committed the handover, so nothing it accepts
-    /// is lost to a rollback), runs `handler` for each connection, and
-    /// returns the last drain's report once the process may exit.
-    pub async fn run<L, H, F>(self, listeners: Vec<L>, handler: H) -> DrainReport
+    /// Runs `shutdown`'s stages once the last drain is over, before
+    /// [`run`](Self::run) returns: components close in order, after the
+    /// connections that use them (and not at all after a take-back).
+    ///
+    /// ```no_run
+    /// # let handoff = handoff::Handoff::builder().build().unwrap();
+    /// let mut shutdown = handoff::Shutdown::new(std::time::Duration::from_secs(10));
+    /// shutdown.stage("stores", std::time::Duration::from_secs(5)).add("db", || async { Ok::<(), String>(()) });
+    /// let serve = handoff::Serve::new(&handoff).then(shutdown);
+    /// ```
+    pub fn then(mut self, shutdown: Shutdown) -> Self {
+        self.shutdown = Some(shutdown);
+        self
+    }
+
+    /// Runs the whole serving life of the process, and returns once it may
+    /// exit:
+    ///
+    /// 1. installs [`Handoff::handle_signals`] unless it already is, and
+    ///    calls [`Handoff::ready`] unless it was called (so an application
+    ///    that needs to do more first calls `ready()` itself);
+    /// 2. accepts on `listeners` while this process serves (a successor:
+    ///    from the moment its parent committed the handover, so nothing it
+    ///    accepts is lost to a rollback) and runs `handler` for each
+    ///    connection with its [`ConnectionGuard`];
+    /// 3. on a stop signal, keeps accepting for the [drain delay](Self::drain_delay);
+    ///    then stops accepting and drains, cutting what is left at the
+    ///    [deadline](Self::drain_timeout) or at a second signal; after a
+    ///    handover, serves again if the successor dies in its probation;
+    /// 4. runs the [`then`](Self::then) shutdown stages.
+    ///
+    /// Where the application installed no `tracing` subscriber, each upgrade
+    /// outcome is also printed as one line on stderr, so a failed upgrade is
+    /// never silent ([`Handoff::upgrade_events`] is the hook to do better).
+    ///
+    /// # Errors
+    ///
+    /// What [`Handoff::ready`] or [`Handoff::handle_signals`] returned: the
+    /// process could not start serving.
+    pub async fn run<L, H, F>(
+        self,
+        listeners: impl IntoListeners<L>,
+        handler: H,
+    ) -> Result<Report, Error>
     where
         L: Accept,
         H: Fn(L::Conn, ConnectionGuard) -> F + Clone + Send + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
         let handoff = self.handoff.clone();
+        if !handoff.signals_installed() {
+            handoff
+                .handle_signals()
+                .map_err(|e| Error::io("cannot install the signal handler", e))?;
+        }
+        let _stderr = crate::report::StderrFallback::start(&handoff);
+        match handoff.ready() {
+            Ok(()) | Err(Error::AlreadyReady) => {}
+            Err(error) => return Err(error),
+        }
+        let drain = self.serve(listeners.into_listeners(), handler).await;
+        let shutdown = match self.shutdown {
+            Some(shutdown) => Some(shutdown.run(handoff.forced()).await),
+            None => None,
+        };
+        Ok(Report { drain, shutdown })
+    }
+
+    async fn serve<L, H, F>(&self, listeners: Vec<L>, handler: H) -> DrainReport
+    where
+        L: Accept,
+        H: Fn(L::Conn, ConnectionGuard) -> F + Clone + Send + 'static,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let handoff = &self.handoff;
         let mut listeners: Vec<Arc<L>> = listeners.into_iter().map(Arc::new).collect();
         let mut report = DrainReport {
             waited: Duration::ZERO,
@@ -274,47 +323,6 @@ impl Handoff {
             tokio::select! {
                 _ = self.stopping() => {}
                 () = start() => return,
-            }
-        }
-    }
-}
-
-/// Accepts until `stop`, backing off when accepting fails (out of fds), with
-/// at most one warning a second.
-async fn accept_loop<L, H, F>(listener: Arc<L>, stop: CancellationToken, drain: Drain, handler: H)
-where
-    L: Accept,
-    H: Fn(L::Conn, ConnectionGuard) -> F,
-    F: Future<Output = ()> + Send + 'static,
-{
-    const FIRST_BACKOFF: Duration = Duration::from_millis(5);
-    const MAX_BACKOFF: Duration = Duration::from_secs(1);
-    let mut backoff = FIRST_BACKOFF;
-    let mut suppressed = 0u64;
-    let mut last_warning: Option<Instant> = None;
-    loop {
-        tokio::select! {
-            biased;
-            () = stop.cancelled() => return,
-            accepted = listener.accept_conn() => match accepted {
-                Ok(conn) => {
-                    backoff = FIRST_BACKOFF;
-                    tokio::spawn(handler(conn, drain.track()));
-                }
-                Err(error) => {
-                    if last_warning.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
-                        tracing::warn!(%error, suppressed, retry_ms = backoff.as_millis() as u64, "accept failed");
-                        last_warning = Some(Instant::now());
-                        suppressed = 0;
-                    } else {
-                        suppressed += 1;
-                    }
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        () = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
             }
         }
     }

@@ -125,19 +125,12 @@ impl Handoff {
         self.inner.upstream.send(lines)
     }
 
-    /// Drains `drain` as [`Drain::drain`] does, with this process's force
-    /// signal (a second `SIGTERM`), and keeps systemd informed: the drain is
-    /// announced in `STATUS=`, and `EXTEND_TIMEOUT_USEC=` asks systemd not to
-    /// kill the process before the drain deadline (a `TimeoutStopSec=`
-    /// shorter than `timeout` would otherwise cut the drain short).
-    ///
-    /// ```no_run
-    /// # async fn f(handoff: handoff::Handoff, drain: handoff::Drain) {
-    /// let report = handoff.drain(&drain, std::time::Duration::from_secs(30)).await;
-    /// println!("{} connections cut", report.cut);
-    /// # }
-    /// ```
-    pub async fn drain(&self, drain: &Drain, timeout: Duration) -> DrainReport {
+    /// [`Drain::drain`] with this process's force signal (a second
+    /// `SIGTERM`), keeping systemd informed: the drain is announced in
+    /// `STATUS=`, and `EXTEND_TIMEOUT_USEC=` asks systemd not to kill the
+    /// process before the drain deadline (a `TimeoutStopSec=` shorter than
+    /// `timeout` would otherwise cut the drain short). [`Serve`](crate::Serve)'s drain.
+    pub(crate) async fn drain(&self, drain: &Drain, timeout: Duration) -> DrainReport {
         if self.handed_over().is_none() {
             let extend = timeout + Duration::from_secs(1);
             self.inner.upstream.send(&format!(

@@ -20,6 +20,12 @@ impl Handoff {
     ///
     /// Outcomes of upgrades are logged and sent to
     /// [`upgrade_events`](Self::upgrade_events). Needs a tokio runtime.
+    /// [`Serve::run`](crate::Serve::run) calls it if the application did not.
+    ///
+    /// # Errors
+    ///
+    /// The signal handlers could not be installed, or this was called before
+    /// (two handlers would count every signal twice).
     ///
     /// ```no_run
     /// # async fn f(handoff: handoff::Handoff) -> std::io::Result<()> {
@@ -27,9 +33,23 @@ impl Handoff {
     /// # Ok(()) }
     /// ```
     pub fn handle_signals(&self) -> io::Result<JoinHandle<()>> {
-        let mut hup = signal(SignalKind::hangup())?;
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
+        use std::sync::atomic::Ordering;
+        if self.inner.signals.swap(true, Ordering::SeqCst) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the handoff signal handler is installed already",
+            ));
+        }
+        let installed = (|| {
+            Ok::<_, io::Error>((
+                signal(SignalKind::hangup())?,
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+            ))
+        })();
+        let (mut hup, mut term, mut int) = installed.inspect_err(|_| {
+            self.inner.signals.store(false, Ordering::SeqCst);
+        })?;
         let handoff = self.clone();
         Ok(tokio::spawn(async move {
             let mut stop_signals = 0u32;
@@ -56,6 +76,11 @@ impl Handoff {
                 }
             }
         }))
+    }
+
+    /// Whether [`handle_signals`](Self::handle_signals) installed the handler.
+    pub(crate) fn signals_installed(&self) -> bool {
+        self.inner.signals.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn on_hangup(&self) {

@@ -36,6 +36,20 @@ impl Handoff {
         self.inner.life.get().stop_reason().is_some()
     }
 
+    /// Readiness, for an application's `/readyz` or health service: true
+    /// while this process serves (it said ready, and a successor's parent
+    /// committed the handover), false from the moment it decided to stop
+    /// (a stop signal, during the drain delay too, or a handover). Liveness
+    /// needs no method: a process that answers is alive.
+    ///
+    /// ```no_run
+    /// # let handoff = handoff::Handoff::builder().build().unwrap();
+    /// let status = if handoff.is_ready() { 200 } else { 503 };
+    /// ```
+    pub fn is_ready(&self) -> bool {
+        self.inner.life.get().accepting()
+    }
+
     /// Asks this process to stop accepting, for good, as `SIGTERM` would. The
     /// first reason given is kept.
     ///

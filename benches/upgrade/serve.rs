@@ -28,7 +28,7 @@ use nix::sys::socket::{
 };
 use tokio::net::TcpListener;
 
-use crate::http::{serve, App};
+use crate::http::{service, App};
 use tokio::signal::unix::{signal, SignalKind};
 
 pub const SERVE_VAR: &str = "HANDOFF_BENCH_SERVE";
@@ -64,7 +64,7 @@ fn run() -> Result<ExitCode, Box<dyn Error>> {
     let app = Arc::new(App {
         pid: std::process::id(),
         generation,
-        stopping: None,
+        ready: Box::new(|| true),
     });
     tokio::runtime::Runtime::new()?.block_on(async move {
         let listener = bind_reuseport(addr)?;
@@ -85,7 +85,9 @@ fn run() -> Result<ExitCode, Box<dyn Error>> {
                 _ = term.recv() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
-                        tokio::spawn(serve(stream, drain.track(), drain.clone(), app.clone()));
+                        let _ = stream.set_nodelay(true);
+                        let service = service(app.clone());
+                        tokio::spawn(handoff::http::serve_connection(stream, drain.track(), service));
                     }
                     Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
                 }

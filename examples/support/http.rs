@@ -1,6 +1,6 @@
-//! Serving one HTTP/1.1 connection (hyper, keep-alive on) with a drain that
-//! drops no request. Shared by the `http_server` example and the benchmark's
-//! SO_REUSEPORT server, so both serve and drain the same way.
+//! The routes of the `http_server` example, as a `tower` service. Shared
+//! with the benchmark's SO_REUSEPORT server, so both answer the same way
+//! (and drain the same way: both serve through `handoff::http`).
 //!
 //! - `GET /` answers `pid=<pid> generation=<n>`.
 //! - `GET /sleep?ms=N` waits N ms (at most 60 s), then answers like `GET /`;
@@ -15,66 +15,35 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
-use handoff::{ConnectionGuard, Drain};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
-
-/// Once draining begins, every response carries `Connection: close`, and a
-/// connection gets this long to send its next request before it is closed.
-/// A busy keep-alive client thus gets its last answer with `Connection: close`
-/// and reconnects (to the successor), instead of racing a close (sending a
-/// request into a connection the server just closed); and a connection
-/// accepted just before the cutover is answered rather than closed unanswered
-/// (hyper issue 2730). A connection that stays silent is closed at the end.
-const IDLE_GRACE: Duration = Duration::from_secs(1);
 
 /// Who answers.
 pub struct App {
     pub pid: u32,
     pub generation: u64,
-    /// Answers `/readyz` with 503 once this reports true (the process decided to stop).
-    pub stopping: Option<Box<dyn Fn() -> bool + Send + Sync>>,
+    /// Answers `/readyz` with 503 unless this reports true.
+    pub ready: Box<dyn Fn() -> bool + Send + Sync>,
 }
 
-/// Serves one connection; see [`IDLE_GRACE`] for what happens when draining.
-pub async fn serve(stream: TcpStream, guard: ConnectionGuard, drain: Drain, app: Arc<App>) {
-    let _ = stream.set_nodelay(true);
-    let service = hyper::service::service_fn(move |request| {
-        let (app, drain) = (app.clone(), drain.clone());
-        async move {
-            let mut response = handle(request, app).await;
-            if drain.is_draining() {
-                // hyper closes the connection after this response.
-                response.headers_mut().insert(
-                    hyper::header::CONNECTION,
-                    hyper::header::HeaderValue::from_static("close"),
-                );
-            }
-            Ok::<_, Infallible>(response)
-        }
-    });
-    let connection = hyper::server::conn::http1::Builder::new()
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(connection);
-    tokio::select! {
-        _ = connection.as_mut() => return,
-        () = guard.draining() => {}
-    }
-    tokio::select! {
-        _ = connection.as_mut() => return,
-        () = tokio::time::sleep(IDLE_GRACE) => {}
-        () = guard.cut() => return,
-    }
-    // Still open: close it if idle, or after the request in flight.
-    connection.as_mut().graceful_shutdown();
-    tokio::select! {
-        _ = connection.as_mut() => {}
-        () = guard.cut() => {}
-    }
+/// The routes, as a `tower` service for `handoff::Serve::http` (which
+/// applies the drain rules) or `handoff::http::serve_connection`.
+pub fn service(
+    app: Arc<App>,
+) -> impl tower::Service<
+    Request<Incoming>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
+       + Send
+       + Sync
+       + 'static {
+    tower::service_fn(move |request| {
+        let app = app.clone();
+        async move { Ok::<_, Infallible>(handle(request, app).await) }
+    })
 }
 
 async fn handle(request: Request<Incoming>, app: Arc<App>) -> Response<Full<Bytes>> {
@@ -85,11 +54,9 @@ async fn handle(request: Request<Incoming>, app: Arc<App>) -> Response<Full<Byte
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         // Readiness: 503 from the moment the process decided to stop, so a
         // load balancer stops sending new work during the drain delay.
-        "/readyz" => match &app.stopping {
-            Some(stopping) if stopping() => {
-                text(StatusCode::SERVICE_UNAVAILABLE, "stopping\n".into())
-            }
-            _ => text(StatusCode::OK, "ready\n".into()),
+        "/readyz" => match (app.ready)() {
+            true => text(StatusCode::OK, "ready\n".into()),
+            false => text(StatusCode::SERVICE_UNAVAILABLE, "stopping\n".into()),
         },
         "/sleep" => {
             let ms = request

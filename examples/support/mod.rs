@@ -1,7 +1,8 @@
-//! What the example servers share: their common flags, the server lifecycle
-//! (claim listeners, accept until told to stop, report ready, drain, exit),
-//! and event lines on stdout. Each example only says how to serve one
-//! connection.
+//! What the example servers share: their common flags, event lines on
+//! stdout, and the faults tests inject. The serving lifecycle itself is the
+//! library's (`handoff::Serve`); each example only says what it serves.
+// Each example uses a part of this module.
+#![allow(dead_code)]
 
 use std::fmt;
 use std::future::Future;
@@ -12,8 +13,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use handoff::{ConnectionGuard, Drain, Handoff, ServeEvent, UpgradeEvent};
-use tokio::net::TcpStream;
+use handoff::{Drain, Handoff, Serve, ServeEvent, UpgradeEvent};
+use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
 /// Flags every example takes besides `--listen`.
@@ -108,26 +109,42 @@ pub fn secs(value: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|_| format!("{value:?} is not a duration"))
 }
 
-/// Runs a server: `name` prefixes listener names and error messages;
-/// `make_serve` builds the per-connection handler once the process knows its
-/// generation. Exit status: 0 after a clean drain, 1 if connections were cut,
-/// 2 if the server could not start.
-pub fn run<S, F>(
+/// Runs a server on the library's serving lifecycle: logging, the
+/// `Handoff` (built on the running runtime: `#[tokio::main]` is fine), the
+/// listeners (`name0`, `name1`, …), event lines, the injected fault, then
+/// `serve` (one of `Serve::run`, `http`, `axum`, `tonic`). Exit status: 0
+/// after a clean drain, 1 if connections were cut, 2 if the server could
+/// not start.
+pub async fn serve<F, Fut>(
     name: &'static str,
     listen: Vec<SocketAddr>,
     flags: Flags,
-    make_serve: impl FnOnce(&Handoff, &Drain) -> S,
+    serve: F,
 ) -> ExitCode
 where
-    S: Fn(TcpStream, ConnectionGuard) -> F + Clone + Send + 'static,
-    F: Future<Output = ()> + Send + 'static,
+    F: FnOnce(&Handoff, Serve, Vec<TcpListener>) -> Fut,
+    Fut: Future<Output = Result<handoff::Report, handoff::Error>>,
 {
-    let builder = Handoff::builder()
+    init_logging();
+    FAULT.get_or_init(Fault::take);
+    let mut builder = Handoff::builder()
         .upgrade_timeout(flags.upgrade_timeout)
         .probation(flags.probation);
-    let pid_file = flags.pid_file.clone();
-    main_with(name, 2, builder, pid_file, |handoff| async move {
-        lifecycle(name, handoff, listen, &flags, make_serve).await
+    if let Some(path) = &flags.pid_file {
+        builder = builder.pid_file(path);
+    }
+    let result = async {
+        let handoff = builder.build()?;
+        let mut listeners = Vec::new();
+        for (i, addr) in listen.iter().enumerate() {
+            listeners.push(handoff.tcp_listener(&format!("{name}{i}"), *addr)?);
+        }
+        let exit = lifecycle(&handoff, listeners, &flags, serve).await?;
+        Ok::<_, Box<dyn std::error::Error>>(exit)
+    };
+    result.await.unwrap_or_else(|error| {
+        eprintln!("{name}: {error}");
+        ExitCode::from(2)
     })
 }
 
@@ -177,26 +194,21 @@ where
     })
 }
 
-async fn lifecycle<S, F>(
-    name: &'static str,
-    handoff: Handoff,
-    listen: Vec<SocketAddr>,
+async fn lifecycle<F, Fut>(
+    handoff: &Handoff,
+    listeners: Vec<TcpListener>,
     flags: &Flags,
-    make_serve: impl FnOnce(&Handoff, &Drain) -> S,
+    serve: F,
 ) -> Result<ExitCode, Box<dyn std::error::Error>>
 where
-    S: Fn(TcpStream, ConnectionGuard) -> F + Clone + Send + 'static,
-    F: Future<Output = ()> + Send + 'static,
+    F: FnOnce(&Handoff, Serve, Vec<TcpListener>) -> Fut,
+    Fut: Future<Output = Result<handoff::Report, handoff::Error>>,
 {
     let (pid, generation) = (std::process::id(), handoff.generation());
-    let mut listeners = Vec::new();
-    for (i, addr) in listen.iter().enumerate() {
-        listeners.push(handoff.tcp_listener(&format!("{name}{i}"), *addr)?);
-    }
+    // Before anything can take time: a SIGHUP must never find the default action.
     handoff.handle_signals()?;
-    let reporter = Reporter::start(&handoff);
+    let reporter = Reporter::start(handoff);
     let drain = Drain::new();
-    let serve = make_serve(&handoff, &drain);
     let mut addrs = Vec::new();
     for listener in &listeners {
         addrs.push(listener.local_addr()?.to_string());
@@ -219,8 +231,8 @@ where
     say(format_args!("ready pid={pid} generation={generation}"));
     crash_if_asked();
     let observed = drain.clone();
-    let report = handoff::Serve::new(&handoff)
-        .drain(drain.clone())
+    let lifecycle = Serve::new(handoff)
+        .drain(drain)
         .drain_timeout(flags.drain_timeout)
         .drain_delay(flags.drain_delay)
         .on_event(move |event| match event {
@@ -239,20 +251,15 @@ where
                 "resumed pid={pid} generation={generation} connections={}",
                 observed.active()
             )),
-        })
-        .run(listeners, serve)
-        .await;
+        });
+    let report = serve(handoff, lifecycle, listeners).await?;
     reporter.finish().await;
     say(format_args!(
         "exit pid={pid} generation={generation} cut={} waited_ms={}",
-        report.cut,
-        report.waited.as_millis()
+        report.drain.cut,
+        report.drain.waited.as_millis()
     ));
-    Ok(if report.is_clean() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(ExitCode::from(report.exit_code() as u8))
 }
 
 /// Prints a line for every upgrade event of this process, until [`finish`](Reporter::finish).

@@ -32,7 +32,7 @@ pub const DEADLINE: Duration = Duration::from_secs(30);
 
 pub(crate) static COUNTER: AtomicU64 = AtomicU64::new(0);
 
-/// The path of a compiled example. A plain `cargo test` builds the examples,
+/// The path of a compiled example. `cargo test --all-features` builds the examples,
 /// but `cargo test --test NAME` does not, so the first call builds them (a
 /// no-op when they are up to date).
 pub fn example_path(name: &str) -> PathBuf {
@@ -44,7 +44,7 @@ pub fn example_path(name: &str) -> PathBuf {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut build = Command::new(cargo);
         build
-            .args(["build", "--quiet", "--examples"])
+            .args(["build", "--quiet", "--examples", "--all-features"])
             .current_dir(env!("CARGO_MANIFEST_DIR"));
         if profile_dir.ends_with("release") {
             build.arg("--release");

@@ -1,0 +1,150 @@
+//! tonic services through upgrades (feature `tonic`): [`Serve::tonic`].
+//!
+//! gRPC runs over HTTP/2, so a drain sends `GOAWAY`: calls in flight finish
+//! on the old process, new calls go to the successor, and a unary call never
+//! fails. A stream still open at the drain deadline (a `Watch`, a feed) is
+//! ended with the gRPC status `UNAVAILABLE` ("the server is shutting down"),
+//! which clients retry, rather than reset: the old process always exits by
+//! the deadline, and the client always learns why its stream ended.
+//!
+//! ```no_run
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let handoff = handoff::Handoff::builder().build()?;
+//!     let (health, health_service) = tonic_health::server::health_reporter();
+//!     let routes = tonic::service::Routes::new(health_service);
+//!     let listener = handoff.tcp_listener("grpc", "127.0.0.1:50051".parse()?)?;
+//!     let report = handoff::Serve::new(&handoff).tonic(listener, routes).await?;
+//!     # drop(health);
+//!     std::process::exit(report.exit_code());
+//! }
+//! ```
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body::Frame;
+use hyper::body::Incoming;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tonic::service::Routes;
+
+use crate::accept::{Accept, IntoListeners};
+use crate::error::Error;
+use crate::report::Report;
+use crate::serve::Serve;
+
+impl Serve {
+    /// Serves the gRPC `routes` on `listeners` through the whole lifecycle
+    /// of [`run`](Serve::run), with the drain rules of the
+    /// [module docs](crate::tonic). Set a health service to `NOT_SERVING`
+    /// when [`Handoff::stopping`](crate::Handoff::stopping) resolves, so
+    /// that balancers watching it move on during the drain delay.
+    ///
+    /// # Errors
+    ///
+    /// As [`run`](Serve::run): the process could not start serving.
+    pub async fn tonic<L>(
+        self,
+        listeners: impl IntoListeners<L>,
+        routes: Routes,
+    ) -> Result<Report, Error>
+    where
+        L: Accept,
+        L::Conn: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        self.run(listeners, move |conn, guard| {
+            let service = EndStreamsAtCut {
+                routes: routes.clone(),
+                cut: guard.cut_token(),
+            };
+            crate::http::serve_connection(conn, guard, service)
+        })
+        .await
+    }
+}
+
+/// `routes`, with every response body ended by a gRPC status at the cut.
+#[derive(Clone)]
+struct EndStreamsAtCut {
+    routes: Routes,
+    cut: CancellationToken,
+}
+
+impl tower_service::Service<Request<Incoming>> for EndStreamsAtCut {
+    type Response = Response<CutBody>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        tower_service::Service::<Request<Incoming>>::poll_ready(&mut self.routes, cx)
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        let call = self.routes.call(request);
+        let cut = self.cut.clone();
+        Box::pin(async move {
+            let response = call.await?;
+            Ok(response.map(|body| CutBody {
+                body,
+                cut: Box::pin(cut.cancelled_owned()),
+                ended: false,
+            }))
+        })
+    }
+}
+
+/// A response body that, once the connection is cut, ends with trailers
+/// `grpc-status: 14` (`UNAVAILABLE`) instead of going on.
+struct CutBody {
+    body: tonic::body::Body,
+    cut: Pin<Box<WaitForCancellationFutureOwned>>,
+    ended: bool,
+}
+
+/// The `grpc-message` of a stream ended at the drain deadline.
+const SHUTTING_DOWN: &str = "the server is shutting down; retry";
+
+impl http_body::Body for CutBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        if this.cut.as_mut().poll(cx).is_ready() {
+            this.ended = true;
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", HeaderValue::from_static("14"));
+            trailers.insert("grpc-message", HeaderValue::from_static(SHUTTING_DOWN));
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(None) => {
+                this.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if frame.is_trailers() {
+                    this.ended = true;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
