@@ -111,12 +111,24 @@ impl Builder {
         self
     }
 
-    /// Reads the environment this process was started with, takes over the
-    /// inherited fds and removes every handoff variable from the environment.
+    /// Parses the environment this process was started with and takes over
+    /// the inherited fds.
     ///
-    /// Call it early, before other threads read the environment (first thing
-    /// in `main`, before starting the tokio runtime, is best). It may be called
-    /// once per process; a second call returns [`Error::AlreadyBuilt`].
+    /// It may run anywhere, on any thread, `#[tokio::main]` included: the
+    /// handoff variables were read and removed from the environment before
+    /// `main` (while only one thread existed), and the inherited fds marked
+    /// close-on-exec, so the application's subprocesses inherit neither.
+    /// It may be called once per process; a second call returns
+    /// [`Error::AlreadyBuilt`].
+    ///
+    /// ```no_run
+    /// #[tokio::main]
+    /// async fn main() -> Result<(), handoff::Error> {
+    ///     let handoff = handoff::Handoff::builder().build()?;
+    ///     println!("generation {}", handoff.generation());
+    ///     Ok(())
+    /// }
+    /// ```
     pub fn build(self) -> Result<Handoff, Error> {
         let (start, inherited, channel) = env::take_from_process().ok_or(Error::AlreadyBuilt)??;
         let cwd = std::env::current_dir()
@@ -200,17 +212,16 @@ impl std::fmt::Display for StopReason {
 ///
 /// ```no_run
 /// # async fn serve(listener: tokio::net::TcpListener) {}
-/// fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// #[tokio::main]
+/// async fn main() -> Result<(), Box<dyn std::error::Error>> {
 ///     let handoff = handoff::Handoff::builder().build()?;
-///     tokio::runtime::Runtime::new()?.block_on(async {
-///         let listener = handoff.tcp_listener("http", "127.0.0.1:8080".parse()?)?;
-///         handoff.handle_signals()?; // SIGHUP upgrades, SIGTERM/SIGINT stop
-///         tokio::spawn(serve(listener));
-///         handoff.ready()?;
-///         let reason = handoff.stopping().await;
-///         println!("stopping: {reason}");
-///         Ok(())
-///     })
+///     let listener = handoff.tcp_listener("http", "127.0.0.1:8080".parse()?)?;
+///     handoff.handle_signals()?; // SIGHUP upgrades, SIGTERM/SIGINT stop
+///     tokio::spawn(serve(listener)); // or better: handoff::Serve, which drains
+///     handoff.ready()?;
+///     let reason = handoff.stopping().await;
+///     println!("stopping: {reason}");
+///     Ok(())
 /// }
 /// ```
 #[derive(Clone)]

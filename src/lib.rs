@@ -1,55 +1,8 @@
-//! # handoff
-//!
-//! Zero-downtime restarts for network servers on Linux. A running server
-//! starts its new binary, hands it the listening sockets (the same kernel
-//! sockets, never re-bound), waits until the new process says it is ready,
-//! then stops accepting and drains its own connections before it exits.
-//!
-//! The handoff speaks systemd's socket-activation protocol: the successor gets
-//! its fds at 3, 4, … with `LISTEN_FDS`, `LISTEN_FDNAMES` and its own
-//! `LISTEN_PID`, and reports readiness with `READY=1` over the `sd_notify`
-//! protocol to a private socket of its parent, which checks the sender's PID.
-//!
-//! ```no_run
-//! use std::time::Duration;
-//!
-//! fn main() -> Result<(), Box<dyn std::error::Error>> {
-//!     // First thing: read the handoff environment, before threads start.
-//!     let handoff = handoff::Handoff::builder().pid_file("/tmp/demo.pid").build()?;
-//!     tokio::runtime::Runtime::new()?.block_on(async {
-//!         let listener = handoff.tcp_listener("http", "127.0.0.1:8080".parse()?)?;
-//!         handoff.handle_signals()?; // SIGHUP upgrades; SIGTERM/SIGINT stop
-//!         let drain = handoff::Drain::new();
-//!         let accept = {
-//!             let (handoff, drain) = (handoff.clone(), drain.clone());
-//!             tokio::spawn(async move {
-//!                 loop {
-//!                     tokio::select! {
-//!                         _ = handoff.stopping() => break, // drops the listener
-//!                         Ok((stream, _)) = listener.accept() => {
-//!                             let guard = drain.track();
-//!                             tokio::spawn(async move { /* serve stream */ drop((stream, guard)); });
-//!                         }
-//!                     }
-//!                 }
-//!             })
-//!         };
-//!         handoff.ready()?;
-//!         handoff.stopping().await;
-//!         accept.await?;
-//!         let report = drain.drain(Duration::from_secs(30), handoff.forced()).await;
-//!         // Return (rather than `process::exit`) so the Handoff is dropped: a
-//!         // last generation removes its PID file and Unix socket paths.
-//!         println!("{} connections cut", report.cut);
-//!         Ok(())
-//!     })
-//! }
-//! ```
-//!
-//! The pieces: [`Handoff`] (start mode, named sockets, [`Handoff::ready`],
-//! [`Handoff::upgrade`], [`Handoff::stopping`]), [`Drain`] (connection
-//! tracking with a deadline), and [`Handoff::handle_signals`].
-
+// The crate docs are the README (with every integration's quickstart,
+// compiled as doc tests) when the integrations are enabled, as on docs.rs;
+// else a short page whose examples need no feature.
+#![cfg_attr(all(feature = "axum", feature = "tonic"), doc = include_str!("../README.md"))]
+#![cfg_attr(not(all(feature = "axum", feature = "tonic")), doc = include_str!("crate-docs.md"))]
 #![warn(missing_docs)]
 
 mod accept;
@@ -101,8 +54,3 @@ pub use shutdown::{ComponentReport, Outcome, Shutdown, ShutdownReport, Stage, Wo
 pub use socket::FdKind;
 pub use stop::Finish;
 pub use upgrade::{UpgradeEvent, UpgradeTicket};
-
-/// The README's code examples, compiled as doc tests.
-#[cfg(doctest)]
-#[doc = include_str!("../README.md")]
-pub struct ReadmeDoctests;
