@@ -21,7 +21,6 @@ use clap::Parser;
 use handoff::Handoff;
 
 #[path = "support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 use support::say;
 use tokio::io::AsyncWriteExt;

@@ -37,7 +37,6 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 
 #[path = "support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 use support::{say, secs};
 

@@ -165,7 +165,7 @@ pub fn crash_if_asked() {
     }
 }
 
-/// An example's `main`: logging; the `Handoff` built before any thread starts
+/// An example's `main` without `Serve`: logging; the `Handoff` built first
 /// (it reads and scrubs the environment); then `body` on a tokio runtime.
 /// `cannot_start` is the exit status when the server could not start.
 pub fn main_with<B, Fut>(
