@@ -2,7 +2,8 @@
 //! store that must be flushed last. On SIGTERM, and in the old process after
 //! an upgrade, the same three stages run in order, each with a deadline:
 //!
-//! 1. `http`: stop accepting, let in-flight requests finish;
+//! 1. `http`: stop accepting, let in-flight requests finish (the drain of
+//!    `handoff::Serve`, which then runs the next stages, given by `then`);
 //! 2. `workers`: each worker finishes its current job and takes no new one;
 //! 3. `store`: flush the results, and the jobs still queued as pending, so no
 //!    job is lost.
@@ -29,11 +30,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
-use handoff::{Drain, Handoff, Outcome, Shutdown, Workers};
+use handoff::{Handoff, Outcome, Serve, ServeEvent, Shutdown, Workers};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 
 #[path = "support/mod.rs"]
@@ -123,82 +123,19 @@ async fn run(handoff: Handoff, args: Args) -> Result<ExitCode, Box<dyn std::erro
         });
     }
 
-    let drain = Drain::new();
     let next_id = Arc::new(AtomicU64::new(1));
-    // Accepts while this process serves: paused on a handover, resumed if the
-    // successor dies and this process takes the socket back.
-    let listener = Arc::new(listener);
-    let accepting = {
-        let (handoff, drain) = (handoff.clone(), drain.clone());
-        tokio::spawn(async move {
-            handoff
-                .while_serving(move || {
-                    let (listener, drain, queue, next_id) = (
-                        listener.clone(),
-                        drain.clone(),
-                        queue.clone(),
-                        next_id.clone(),
-                    );
-                    async move {
-                        loop {
-                            if let Ok((stream, _)) = listener.accept().await {
-                                let guard = drain.track();
-                                let (queue, next_id) = (queue.clone(), next_id.clone());
-                                let service = hyper::service::service_fn(move |request| {
-                                    handle(request, queue.clone(), next_id.clone(), pid, generation)
-                                });
-                                tokio::spawn(async move {
-                                    let connection = hyper::server::conn::http1::Builder::new()
-                                        .keep_alive(false)
-                                        .serve_connection(TokioIo::new(stream), service);
-                                    tokio::select! {
-                                        _ = connection => {}
-                                        () = guard.cut() => {}
-                                    }
-                                    drop(guard);
-                                });
-                            }
-                        }
-                    }
-                })
-                .await;
-        })
-    };
+    let service = tower::service_fn(move |request| {
+        handle(request, queue.clone(), next_id.clone(), pid, generation)
+    });
     say(format_args!(
         "listening pid={pid} generation={generation} addrs={bound}"
     ));
     handoff.ready()?;
     say(format_args!("ready pid={pid} generation={generation}"));
 
-    loop {
-        let reason = handoff.stopping().await;
-        say(format_args!(
-            "stopping pid={pid} generation={generation} reason={:?} connections={}",
-            reason.to_string(),
-            drain.active()
-        ));
-        // After a handover: wait out the probation before closing anything
-        // for good; `Resume` if the successor died and the socket came back.
-        if handoff.finish().await == handoff::Finish::Exit {
-            break;
-        }
-        say(format_args!("resumed pid={pid} generation={generation}"));
-    }
-
+    // After the connections drained (on SIGTERM, or once a handover is
+    // final): the workers finish their jobs, then the store is flushed.
     let mut shutdown = Shutdown::new(args.overall_timeout);
-    shutdown
-        .stage("http", args.stage_timeout)
-        .add("connections", {
-            let (drain, deadline) = (drain.clone(), args.stage_timeout);
-            move || async move {
-                let _ = accepting.await;
-                let report = drain.drain(deadline, std::future::pending()).await;
-                match report.cut {
-                    0 => Ok(()),
-                    n => Err(format!("{n} connections cut")),
-                }
-            }
-        });
     shutdown
         .stage("workers", args.stage_timeout)
         .add("workers", move || async move {
@@ -209,8 +146,32 @@ async fn run(handoff: Handoff, args: Args) -> Result<ExitCode, Box<dyn std::erro
         let path = args.store.clone();
         move || async move { flush(&path, &store, &jobs).await.map_err(|e| e.to_string()) }
     });
-    let report = shutdown.run(handoff.forced()).await;
-    for c in &report.components {
+    let report = Serve::new(&handoff)
+        .drain_timeout(args.stage_timeout)
+        .on_event(move |event| match event {
+            ServeEvent::StoppedAccepting {
+                reason,
+                connections,
+            } => say(format_args!(
+                "stopping pid={pid} generation={generation} reason={:?} connections={connections}",
+                reason.to_string()
+            )),
+            ServeEvent::Resumed => say(format_args!("resumed pid={pid} generation={generation}")),
+            ServeEvent::LameDuck { .. } => {}
+        })
+        .then(shutdown)
+        .http(listener, service)
+        .await?;
+    let drained = match report.drain.cut {
+        0 => "closed".to_owned(),
+        n => format!("failed:\"{n} connections cut\""),
+    };
+    say(format_args!(
+        "shutdown pid={pid} stage=http component=connections outcome={drained} ms={}",
+        report.drain.waited.as_millis()
+    ));
+    let stages = report.shutdown.as_ref();
+    for c in stages.iter().flat_map(|s| &s.components) {
         let outcome = match &c.outcome {
             Outcome::Closed => "closed".to_owned(),
             Outcome::Failed(why) => format!("failed:{why:?}"),
@@ -226,11 +187,11 @@ async fn run(handoff: Handoff, args: Args) -> Result<ExitCode, Box<dyn std::erro
     }
     reporter.finish().await;
     let code = report.exit_code();
+    let late = stages.map(|s| s.late().join(",")).unwrap_or_default();
     say(format_args!(
-        "exit pid={pid} generation={generation} code={code} late={}",
-        report.late().join(",")
+        "exit pid={pid} generation={generation} code={code} late={late}"
     ));
-    Ok(ExitCode::from(code))
+    Ok(ExitCode::from(code as u8))
 }
 
 /// Writes the results, then every job still queued as pending: nothing is lost.
