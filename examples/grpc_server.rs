@@ -2,8 +2,9 @@
 //! `SIGTERM`/`SIGINT`, on `handoff::Serve::tonic`. It serves
 //! `grpc.health.v1.Health` (Check and Watch, via tonic-health: `SERVING`
 //! while this process serves, `NOT_SERVING` from the moment it decided to
-//! stop) and `handoff.demo.Echo` (unary `Say`, server-streaming `Stream`).
-//! The same flags and event lines as `http_server`.
+//! stop, `SERVING` again if it takes the sockets back) and
+//! `handoff.demo.Echo` (unary `Say`, server-streaming `Stream`). The same
+//! flags and event lines as `http_server`.
 //!
 //! ```text
 //! grpc_server [--listen ADDR]... [--pid-file PATH] [--upgrade-timeout SECS] [--drain-timeout SECS]
@@ -45,14 +46,17 @@ async fn main() -> ExitCode {
         args.flags,
         |handoff, serve, listeners| {
             let (health, health_service) = tonic_health::server::health_reporter();
-            let stopping = handoff.clone();
+            let life = handoff.clone();
             tokio::spawn(async move {
                 // "" is the whole server, as health checkers ask by default.
-                health.set_service_status("", ServingStatus::Serving).await;
-                stopping.stopping().await;
-                health
-                    .set_service_status("", ServingStatus::NotServing)
-                    .await;
+                // SERVING again after a take-back (the successor died).
+                while life.serving().await {
+                    health.set_service_status("", ServingStatus::Serving).await;
+                    life.stopping().await;
+                    health
+                        .set_service_status("", ServingStatus::NotServing)
+                        .await;
+                }
             });
             let echo = echo_grpc::EchoServer {
                 generation: handoff.generation(),

@@ -1,8 +1,12 @@
 //! tonic services through upgrades (feature `tonic`): [`Serve::tonic`].
 //!
 //! gRPC runs over HTTP/2, so a drain sends `GOAWAY`: calls in flight finish
-//! on the old process, new calls go to the successor, and a unary call never
-//! fails. A stream still open at the drain deadline (a `Watch`, a feed) is
+//! on the old process, new calls go to the successor, and the server fails
+//! no unary call. (tonic's client, on hyper, still fails one now and then
+//! that a `GOAWAY` races, as against any server that drains with one: it
+//! drops it unsent, `CANCELLED`, or h2 fails it with the `GOAWAY`,
+//! `INTERNAL`; hyper issue 2500. Such a call was not processed: it is safe
+//! to retry.) A stream still open at the drain deadline (a `Watch`, a feed) is
 //! ended with the gRPC status `UNAVAILABLE` ("the server is shutting down"),
 //! which clients retry, rather than reset: the old process always exits by
 //! the deadline, and the client always learns why its stream ended.
@@ -40,7 +44,9 @@ impl Serve {
     /// of [`run`](Serve::run), with the drain rules of the
     /// [module docs](crate::tonic). Set a health service to `NOT_SERVING`
     /// when [`Handoff::stopping`](crate::Handoff::stopping) resolves, so
-    /// that balancers watching it move on during the drain delay.
+    /// that balancers watching it move on during the drain delay, and back
+    /// to `SERVING` when [`Handoff::serving`](crate::Handoff::serving)
+    /// resolves true again (a take-back: the successor died).
     ///
     /// # Errors
     ///
