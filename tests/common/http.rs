@@ -11,7 +11,10 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Debug, Clone)]
 pub struct Response {
     pub status: u16,
+    /// The body as text (lossy).
     pub body: String,
+    /// The body as it came.
+    pub bytes: Vec<u8>,
     pub close: bool,
 }
 
@@ -53,15 +56,32 @@ pub fn exchange(
     path: &str,
     keep_alive: bool,
 ) -> Result<Response, Failure> {
+    exchange_request(stream, "GET", path, None, keep_alive)
+}
+
+/// Sends one request (with `body` and its `Content-Length`, if any) on
+/// `stream` and reads the response.
+pub fn exchange_request(
+    stream: &mut BufReader<TcpStream>,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    keep_alive: bool,
+) -> Result<Response, Failure> {
     let connection = if keep_alive { "keep-alive" } else { "close" };
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: {connection}\r\n\r\n");
-    stream
-        .get_mut()
-        .write_all(request.as_bytes())
-        .map_err(|e| Failure {
-            error: format!("write: {e}"),
-            got_bytes: false,
-        })?;
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: {connection}\r\n")
+            .into_bytes();
+    if let Some(body) = body {
+        request.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
+        request.extend_from_slice(body);
+    } else {
+        request.extend_from_slice(b"\r\n");
+    }
+    stream.get_mut().write_all(&request).map_err(|e| Failure {
+        error: format!("write: {e}"),
+        got_bytes: false,
+    })?;
     read_response(stream)
 }
 
@@ -114,6 +134,7 @@ fn read_response(stream: &mut BufReader<TcpStream>) -> Result<Response, Failure>
     Ok(Response {
         status,
         body: String::from_utf8_lossy(&body).into_owned(),
+        bytes: body,
         close,
     })
 }
@@ -123,6 +144,13 @@ pub fn get(addr: SocketAddr, path: &str) -> Result<Response, String> {
     let stream = connect(addr).map_err(|e| format!("connect: {e}"))?;
     let mut stream = BufReader::new(stream);
     exchange(&mut stream, path, false).map_err(|f| f.error)
+}
+
+/// One POST with `body` on a new connection.
+pub fn post(addr: SocketAddr, path: &str, body: &[u8]) -> Result<Response, String> {
+    let stream = connect(addr).map_err(|e| format!("connect: {e}"))?;
+    let mut stream = BufReader::new(stream);
+    exchange_request(&mut stream, "POST", path, Some(body), false).map_err(|f| f.error)
 }
 
 /// A client that keeps its connection open between requests.
@@ -147,15 +175,32 @@ impl KeepAlive {
     /// retried once on a new connection, as HTTP clients do for idempotent
     /// requests. The retry itself must succeed.
     pub fn get(&mut self, path: &str) -> Result<Response, String> {
+        self.request("GET", path, None)
+    }
+
+    /// POST on the kept connection. A POST is not idempotent: unlike
+    /// [`get`](Self::get), it is never retried; a reused connection that
+    /// fails before any response byte is an error.
+    pub fn post(&mut self, path: &str, body: &[u8]) -> Result<Response, String> {
+        self.request("POST", path, Some(body))
+    }
+
+    fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Response, String> {
+        let idempotent = method == "GET";
         if let Some(stream) = self.stream.as_mut() {
-            match exchange(stream, path, true) {
+            match exchange_request(stream, method, path, body, true) {
                 Ok(response) => {
                     if response.close {
                         self.stream = None;
                     }
                     return Ok(response);
                 }
-                Err(failure) if !failure.got_bytes => {
+                Err(failure) if !failure.got_bytes && idempotent => {
                     if std::env::var_os("HANDOFF_TEST_DEBUG").is_some() {
                         eprintln!("retry after: {}", failure.error);
                     }
@@ -164,13 +209,16 @@ impl KeepAlive {
                 }
                 Err(failure) => {
                     self.stream = None;
-                    return Err(failure.error);
+                    return Err(format!(
+                        "{method} on a reused connection: {}",
+                        failure.error
+                    ));
                 }
             }
         }
         let stream = connect(self.addr).map_err(|e| format!("connect: {e}"))?;
         let mut stream = BufReader::new(stream);
-        let response = exchange(&mut stream, path, true)
+        let response = exchange_request(&mut stream, method, path, body, true)
             .map_err(|f| format!("on a new connection: {}", f.error))?;
         if !response.close {
             self.stream = Some(stream);

@@ -1,6 +1,8 @@
 //! A closed-loop load: threads that send `GET /` as fast as answers come back,
-//! half on a new connection per request, half on keep-alive connections.
-//! Every failure is recorded with its cause. Bounded in time.
+//! half on a new connection per request, half on keep-alive connections;
+//! optionally every other request a `POST /echo` with a body of a few KB
+//! whose echo is checked byte for byte. Every failure is recorded with its
+//! cause. Bounded in time.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -9,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::http::{get, KeepAlive};
+use super::http::{get, post, KeepAlive};
 
 /// No load runs longer than this, whatever the test does.
 const MAX_RUN: Duration = Duration::from_secs(240);
@@ -22,6 +24,10 @@ pub struct Stats {
     pub errors: Vec<String>,
     /// PIDs that answered.
     pub pids: BTreeSet<u32>,
+    /// POSTs whose echo came back equal to what was sent (counted in `ok` too).
+    pub posts: u64,
+    /// Body bytes those POSTs sent (and got back).
+    pub posted_bytes: u64,
 }
 
 impl Stats {
@@ -31,6 +37,8 @@ impl Stats {
         self.retries += other.retries;
         self.errors.extend(other.errors);
         self.pids.extend(other.pids);
+        self.posts += other.posts;
+        self.posted_bytes += other.posted_bytes;
     }
 }
 
@@ -43,6 +51,13 @@ pub struct Load {
 impl Load {
     /// Starts `fresh` clients that connect per request and `kept` keep-alive clients.
     pub fn start(addr: SocketAddr, fresh: usize, kept: usize) -> Load {
+        Self::start_mixed(addr, fresh, kept, false)
+    }
+
+    /// As [`start`](Self::start); with `posts`, every other request of each
+    /// client is a `POST /echo` with a body of 1 to 8 KB of varying bytes
+    /// (the server must answer it with the same bytes).
+    pub fn start_mixed(addr: SocketAddr, fresh: usize, kept: usize, posts: bool) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let progress = Arc::new(Mutex::new(0));
         let mut threads = Vec::new();
@@ -50,8 +65,9 @@ impl Load {
             let stop = stop.clone();
             let progress = progress.clone();
             let keep_alive = i >= fresh;
+            let seed = i as u64 + 1;
             threads.push(std::thread::spawn(move || {
-                client(addr, keep_alive, &stop, &progress)
+                client(addr, keep_alive, posts.then_some(seed), &stop, &progress)
             }));
         }
         Load {
@@ -87,17 +103,60 @@ impl Load {
     }
 }
 
-fn client(addr: SocketAddr, keep_alive: bool, stop: &AtomicBool, progress: &Mutex<u64>) -> Stats {
+/// A body of 1 to 8 KB of bytes that differ from one request to the next
+/// (a xorshift stream): any mix-up or truncation shows in the echo.
+pub fn body_for(seed: u64, n: u64) -> Vec<u8> {
+    let mut state =
+        (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ n.wrapping_mul(0xD1B5_4A32_D192_ED03)) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let len = 1024 + (next() % 7169) as usize;
+    (0..len).map(|_| next() as u8).collect()
+}
+
+fn client(
+    addr: SocketAddr,
+    keep_alive: bool,
+    posts: Option<u64>,
+    stop: &AtomicBool,
+    progress: &Mutex<u64>,
+) -> Stats {
     let started = Instant::now();
     let mut stats = Stats::default();
     let mut kept = KeepAlive::new(addr);
+    let mut n = 0u64;
     while !stop.load(Ordering::SeqCst) && started.elapsed() < MAX_RUN {
-        let result = if keep_alive {
-            kept.get("/")
-        } else {
-            get(addr, "/")
+        n += 1;
+        let body = posts
+            .filter(|_| n.is_multiple_of(2))
+            .map(|seed| body_for(seed, n));
+        let result = match (&body, keep_alive) {
+            (None, true) => kept.get("/"),
+            (None, false) => get(addr, "/"),
+            (Some(body), true) => kept.post("/echo", body),
+            (Some(body), false) => post(addr, "/echo", body),
         };
         match result {
+            Ok(response) if response.status == 200 && body.is_some() => {
+                let sent = body.as_deref().unwrap_or_default();
+                if response.bytes == sent {
+                    stats.ok += 1;
+                    stats.posts += 1;
+                    stats.posted_bytes += sent.len() as u64;
+                    *progress.lock().unwrap() += 1;
+                } else {
+                    stats.failed += 1;
+                    stats.errors.push(format!(
+                        "echo differs: sent {} bytes, got {} bytes",
+                        sent.len(),
+                        response.bytes.len()
+                    ));
+                }
+            }
             Ok(response) if response.status == 200 => {
                 stats.ok += 1;
                 if let Some(pid) = response.pid() {
