@@ -1,14 +1,14 @@
 //! Third-party peers the tests run (Python packages from PyPI): found in the
-//! project's venv (`.venv`, which `.ci/run` makes) or `HANDOFF_TEST_PYTHON`.
+//! project's venv (`.venv`, which `.ci/run` makes) or `TEST_PYTHON`.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 /// A Python interpreter that can `import module`, if there is one. Without
 /// one the test is skipped with a message that says how to get it, unless
-/// `HANDOFF_REQUIRE_PEERS` is set (as CI sets it): then it fails.
+/// `REQUIRE_TEST_PEERS` is set (as CI sets it): then it fails.
 pub fn python_with(module: &str) -> Option<PathBuf> {
-    let python = std::env::var_os("HANDOFF_TEST_PYTHON")
+    let python = std::env::var_os("TEST_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
     let importable = Command::new(&python)
@@ -26,8 +26,8 @@ pub fn python_with(module: &str) -> Option<PathBuf> {
         python.display()
     );
     assert!(
-        std::env::var_os("HANDOFF_REQUIRE_PEERS").is_none(),
-        "HANDOFF_REQUIRE_PEERS is set but {how}"
+        std::env::var_os("REQUIRE_TEST_PEERS").is_none(),
+        "REQUIRE_TEST_PEERS is set but {how}"
     );
     eprintln!("SKIPPED: {how}");
     None
