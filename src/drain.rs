@@ -169,7 +169,7 @@ impl Drain {
     /// then waits until all are closed, `timeout` passes, or `force`
     /// resolves. Connections still open then are told to close at once
     /// ([`ConnectionGuard::cut`]) and counted in the report. The cut comes a
-    /// little before the deadline ([`cut_flush`]), so that a protocol can
+    /// little before the deadline (a quarter of `timeout`, at most 250 ms), so that a protocol can
     /// end what it cut properly (a gRPC status) before the process exits;
     /// the wait never outlasts `timeout`.
     ///
