@@ -156,7 +156,14 @@ where
     B::Error: Into<BoxError>,
 {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).keep_alive(true);
+    // No timer for HTTP/1: with one, hyper arms its header-read timeout
+    // (30 s by default), which also runs while a keep-alive connection is
+    // idle and closes it at 30 s with no grace, the race with a client's next
+    // request that the drain rules avoid; and it costs a timer per request
+    // (a tenth of the user-space work of a keep-alive `GET`). As with plain
+    // `axum::serve`, a client that never finishes its headers keeps its
+    // connection until a drain's deadline cuts it.
+    builder.http1().keep_alive(true);
     builder.http2().timer(TokioTimer::new());
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
