@@ -53,6 +53,12 @@ pub struct FailureSample {
 #[derive(Debug, Default, Clone)]
 pub struct LoadStats {
     pub ok: u64,
+    /// Of `ok`: by clients opening a connection per request, and by
+    /// keep-alive clients (HTTP/1.1 only; the HTTP/2 load counts neither).
+    pub ok_new_connection: u64,
+    pub ok_keep_alive: u64,
+    /// Connections opened (counted by the HTTP/2 load only).
+    pub connections: u64,
     pub failed: u64,
     /// Keep-alive requests retried on a new connection (whatever the outcome).
     pub retries: u64,
@@ -65,8 +71,11 @@ pub struct LoadStats {
 }
 
 impl LoadStats {
-    fn merge(&mut self, other: LoadStats) {
+    pub fn merge(&mut self, other: LoadStats) {
         self.ok += other.ok;
+        self.ok_new_connection += other.ok_new_connection;
+        self.ok_keep_alive += other.ok_keep_alive;
+        self.connections += other.connections;
         self.failed += other.failed;
         self.retries += other.retries;
         for (cause, n) in other.failures {
@@ -79,7 +88,12 @@ impl LoadStats {
     }
 
     pub fn per_second(&self) -> f64 {
-        self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
+        self.rate(self.ok)
+    }
+
+    /// `count` requests over this load's time, per second.
+    pub fn rate(&self, count: u64) -> f64 {
+        count as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 }
 
@@ -250,7 +264,14 @@ impl Client {
                 })
             };
             match outcome {
-                Ok(()) => self.stats.ok += 1,
+                Ok(()) => {
+                    self.stats.ok += 1;
+                    if self.keep_alive {
+                        self.stats.ok_keep_alive += 1;
+                    } else {
+                        self.stats.ok_new_connection += 1;
+                    }
+                }
                 Err(what) => {
                     self.stats.failed += 1;
                     let kind = if self.keep_alive {

@@ -12,6 +12,10 @@
 //!
 //! `HANDOFF_BENCH_ADDR` is the address to bind, `HANDOFF_BENCH_GENERATION`
 //! the generation to report. SIGTERM stops accepting, drains, exits.
+//!
+//! Two more modes: `HANDOFF_BENCH_SERVE=bare` (the handoff mechanism alone,
+//! see [`run_bare`]) and `HANDOFF_BENCH_SERVE=axum` (a plain `axum::serve`,
+//! the baseline of `axum_server`'s throughput, see [`run_axum`]).
 
 use std::error::Error;
 use std::io::Write;
@@ -44,6 +48,7 @@ pub fn serve_if_asked() -> Option<ExitCode> {
     let result = match mode.as_str() {
         "reuseport" => run(),
         "bare" => run_bare(),
+        "axum" => run_axum(),
         other => Err(format!("unknown {SERVE_VAR}={other:?}").into()),
     };
     Some(result.unwrap_or_else(|error| {
@@ -171,6 +176,57 @@ fn run_bare() -> Result<ExitCode, Box<dyn Error>> {
         // Before exiting: wait out the probation and hand the service over.
         // (This server accepts nothing, so a take-back has nothing to resume.)
         let _ = handoff.finish().await;
+        say(format_args!(
+            "exit pid={pid} generation={generation} cut=0 waited_ms=0"
+        ));
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Plain axum, no handoff: `axum::serve(TcpListener, router)` on the same
+/// multi-thread runtime as `#[tokio::main]` (`axum_server`'s), with a router
+/// that answers `GET /` as `axum_server` does (`pid=<pid> generation=<n>`,
+/// the same handler shape) and has the same number of routes. It binds
+/// `HANDOFF_BENCH_ADDR` itself. `SIGTERM` ends it at once (it is only
+/// stopped idle, after its load).
+fn run_axum() -> Result<ExitCode, Box<dyn Error>> {
+    use axum::routing::{get, post};
+
+    let addr: SocketAddr = std::env::var(ADDR_VAR)?.parse()?;
+    let generation: u64 = std::env::var(GENERATION_VAR)?.parse()?;
+    let pid = std::process::id();
+    let hello = format!("pid={pid} generation={generation}\n");
+    let sleepy = hello.clone();
+    // The paths of `axum_server`'s routes, so that routing costs the same;
+    // only `GET /` is measured, the others are stubs.
+    let router = axum::Router::new()
+        .route("/", get(move || async move { hello }))
+        .route(
+            "/sleep",
+            get(move || async move {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                sleepy
+            }),
+        )
+        .route("/echo", post(|body: axum::body::Bytes| async move { body }))
+        .route("/subprocess", get(|| async { "" }))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(|| async { "ready\n" }));
+    tokio::runtime::Runtime::new()?.block_on(async move {
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        let mut term = signal(SignalKind::terminate())?;
+        say(format_args!(
+            "listening pid={pid} generation={generation} addrs={local}"
+        ));
+        say(format_args!("ready pid={pid} generation={generation}"));
+        tokio::select! {
+            served = axum::serve(listener, router) => served?,
+            _ = term.recv() => {}
+        }
+        say(format_args!(
+            "stopping pid={pid} generation={generation} reason=\"received SIGTERM\" connections=0"
+        ));
         say(format_args!(
             "exit pid={pid} generation={generation} cut=0 waited_ms=0"
         ));

@@ -29,6 +29,27 @@ pub fn http_server(ctx: &Ctx, listen: &[String]) -> Command {
     command
 }
 
+/// `axum_server` (`Serve::axum`) on `addr`, run from the temp dir, as
+/// [`http_server`] (no probation).
+pub fn axum_server(ctx: &Ctx, addr: &str) -> Command {
+    let mut command = Command::new(&ctx.axum_server);
+    command.arg("--listen").arg(addr);
+    command.arg("--probation").arg("0");
+    command.current_dir(&ctx.tmp);
+    command
+}
+
+/// This binary as the plain `axum::serve` server (`serve.rs`), on `addr`.
+fn plain_axum_server(ctx: &Ctx, addr: &str) -> Command {
+    let mut command = Command::new(&ctx.bench);
+    command
+        .env(serve::SERVE_VAR, "axum")
+        .env(serve::ADDR_VAR, addr)
+        .env(serve::GENERATION_VAR, "1")
+        .current_dir(&ctx.tmp);
+    command
+}
+
 /// This binary as the SO_REUSEPORT server (`serve.rs`), run from the temp dir.
 fn reuseport_server(ctx: &Ctx, addr: &str, generation: u64) -> Command {
     let mut command = Command::new(&ctx.bench);
@@ -54,10 +75,12 @@ fn bare_server(ctx: &Ctx, listeners: usize) -> Command {
 /// How the serving process is replaced (see the top of `upgrade.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Strategy {
-    /// Never: the baseline.
-    Steady,
     /// `SIGHUP` to `http_server`: the successor inherits the socket.
     Handoff,
+    /// `SIGHUP` to `axum_server` (`Serve::axum`), likewise.
+    Axum,
+    /// Plain `axum::serve`, no handoff: a throughput baseline, never restarted.
+    PlainAxum,
     /// `SIGHUP` to the bare server: the handoff mechanism alone.
     Bare,
     /// `SIGTERM`, wait for the exit, start a fresh `http_server` on the port.
@@ -92,6 +115,8 @@ impl Server {
         let command = match strategy {
             Strategy::ReusePort => reuseport_server(ctx, "127.0.0.1:0", 1),
             Strategy::Bare => bare_server(ctx, listeners),
+            Strategy::Axum => axum_server(ctx, "127.0.0.1:0"),
+            Strategy::PlainAxum => plain_axum_server(ctx, "127.0.0.1:0"),
             _ => http_server(ctx, &vec!["127.0.0.1:0".to_owned(); listeners]),
         };
         let spawned = Instant::now();
@@ -148,8 +173,8 @@ impl Server {
     pub fn restart(&mut self, ctx: &Ctx) -> Result<Duration> {
         let addr = self.addr.to_string();
         match self.strategy {
-            Strategy::Steady => Ok(Duration::ZERO),
-            Strategy::Handoff | Strategy::Bare => self.upgrade().map(|u| u.ready),
+            Strategy::PlainAxum => Err("the plain axum server is never restarted".to_owned()),
+            Strategy::Handoff | Strategy::Axum | Strategy::Bare => self.upgrade().map(|u| u.ready),
             Strategy::Naive => {
                 let begun = Instant::now();
                 self.family.stop(self.pid, EVENT_TIMEOUT)?;
@@ -173,6 +198,24 @@ impl Server {
                 Ok(ready.at.saturating_duration_since(begun))
             }
         }
+    }
+
+    /// The serving process's CPU time so far (user + system, all its
+    /// threads), from `/proc/<pid>/stat`.
+    pub fn cpu_time(&self) -> Result<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
+            .map_err(|e| format!("cannot read /proc/{}/stat: {e}", self.pid))?;
+        // `pid (comm) state ppid …`: utime and stime are fields 14 and 15,
+        // the 12th and 13th after the comm.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let mut fields = after.split_whitespace().skip(11);
+        let mut tick = || fields.next().and_then(|f| f.parse::<u64>().ok());
+        let (Some(user), Some(system)) = (tick(), tick()) else {
+            return Err(format!("unexpected /proc/{}/stat: {stat:?}", self.pid));
+        };
+        // SAFETY: sysconf takes a constant and touches no memory.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Ok(Duration::from_nanos((user + system) * 1_000_000_000 / hz))
     }
 
     pub fn stop(mut self) -> Result<()> {
