@@ -11,7 +11,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::drain::{ConnectionGuard, Drain};
 
-/// A listener [`Serve`](crate::Serve) can accept on: tokio's TCP and Unix listeners.
+/// A listener [`Serve`](crate::Serve) can accept on: tokio's TCP and Unix
+/// listeners, or one's own. `accept_conn` must be quick and cancel-safe
+/// (it is dropped when accepting stops): a TLS handshake belongs in the
+/// per-connection handler, not here. A failure that is one client's (a
+/// connection reset or aborted before it was accepted, or an error of one's
+/// own with no OS error code) is skipped; any other OS error (out of fds,
+/// say) makes the loop back off, with at most one warning a second.
 ///
 /// ```
 /// fn takes_any<L: handoff::Accept>(_: L) {}
@@ -21,6 +27,13 @@ pub trait Accept: Send + Sync + 'static {
     /// An accepted connection.
     type Conn: Send + 'static;
     /// Accepts the next connection.
+    ///
+    /// ```
+    /// # async fn f(listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    /// use handoff::Accept;
+    /// let stream = listener.accept_conn().await?;
+    /// # Ok(()) }
+    /// ```
     fn accept_conn(&self) -> impl Future<Output = io::Result<Self::Conn>> + Send;
 }
 
@@ -54,6 +67,14 @@ impl Accept for tokio::net::UnixListener {
 /// ```
 pub trait IntoListeners<L: Accept> {
     /// The listeners, in order.
+    ///
+    /// ```
+    /// # async fn f() -> std::io::Result<()> {
+    /// use handoff::IntoListeners;
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// assert_eq!(listener.into_listeners().len(), 1);
+    /// # Ok(()) }
+    /// ```
     fn into_listeners(self) -> Vec<L>;
 }
 
@@ -101,6 +122,10 @@ pub(crate) async fn accept_loop<L, H, F>(
                     backoff = FIRST_BACKOFF;
                     tokio::spawn(handler(conn, drain.track()));
                 }
+                Err(error) if one_clients(&error) => {
+                    // One client's trouble (it reset before we accepted, say).
+                    tracing::debug!(%error, "accept failed");
+                }
                 Err(error) => {
                     if last_warning.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
                         tracing::warn!(%error, suppressed, retry_ms = backoff.as_millis() as u64, "accept failed");
@@ -117,5 +142,18 @@ pub(crate) async fn accept_loop<L, H, F>(
                 }
             }
         }
+    }
+}
+
+/// Whether an accept failed for one client's reasons (so the next accept
+/// may well succeed), rather than the process's (out of fds, say: then
+/// retrying at once would spin).
+fn one_clients(error: &io::Error) -> bool {
+    match error.raw_os_error() {
+        Some(code) => matches!(
+            code,
+            libc::ECONNABORTED | libc::ECONNRESET | libc::EPROTO | libc::EPERM | libc::ETIMEDOUT
+        ),
+        None => true,
     }
 }

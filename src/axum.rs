@@ -33,6 +33,14 @@ impl Serve {
     /// this process serves, lame duck, drain with a deadline, the shutdown
     /// stages. See the [module docs](crate::axum) for a whole `main`.
     ///
+    /// ```no_run
+    /// # async fn f(handoff: handoff::Handoff) -> Result<(), Box<dyn std::error::Error>> {
+    /// let app = axum::Router::new().route("/", axum::routing::get(|| async { "hi\n" }));
+    /// let listener = handoff.tcp_listener("http", "127.0.0.1:8080".parse()?)?;
+    /// let report = handoff::Serve::new(&handoff).axum(listener, app).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
     ///
     /// As [`run`](Serve::run): the process could not start serving.

@@ -35,18 +35,26 @@ pub struct Drain {
 struct Shared {
     active: AtomicUsize,
     idle: Notify,
-    /// The current drain signal; replaced by [`Drain::resume`], so
-    /// connections accepted after a take-back are not told to close.
-    draining: std::sync::Mutex<CancellationToken>,
+    /// The signals new connections get; replaced by [`Drain::resume`].
+    epoch: std::sync::Mutex<Epoch>,
+}
+
+/// The three signals of one drain, as a connection sees them.
+#[derive(Clone, Default)]
+struct Epoch {
+    /// Finish up.
+    draining: CancellationToken,
+    /// Stop now (the deadline is near, or the drain was forced).
     cut: CancellationToken,
+    /// The drain is over: whatever is still open is dropped.
+    over: CancellationToken,
 }
 
 impl Shared {
-    fn draining(&self) -> CancellationToken {
-        self.draining
+    fn epoch(&self) -> std::sync::MutexGuard<'_, Epoch> {
+        self.epoch
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
     }
 }
 
@@ -61,7 +69,7 @@ impl Shared {
 /// ```
 pub struct ConnectionGuard {
     inner: Arc<Shared>,
-    draining: CancellationToken,
+    epoch: Epoch,
 }
 
 /// The outcome of [`Drain::drain`].
@@ -82,6 +90,11 @@ pub struct DrainReport {
 
 impl DrainReport {
     /// True if every connection finished by itself.
+    ///
+    /// ```
+    /// let report = handoff::DrainReport { waited: std::time::Duration::ZERO, cut: 1, forced: true };
+    /// assert!(!report.is_clean());
+    /// ```
     pub fn is_clean(&self) -> bool {
         self.cut == 0
     }
@@ -117,7 +130,7 @@ impl Drain {
         self.inner.active.fetch_add(1, Ordering::SeqCst);
         ConnectionGuard {
             inner: self.inner.clone(),
-            draining: self.inner.draining(),
+            epoch: self.inner.epoch().clone(),
         }
     }
 
@@ -136,13 +149,14 @@ impl Drain {
     /// assert!(!handoff::Drain::new().is_draining());
     /// ```
     pub fn is_draining(&self) -> bool {
-        self.inner.draining().is_cancelled()
+        self.inner.epoch().draining.is_cancelled()
     }
 
-    /// Ends a drain that was interrupted because this process serves again
-    /// (it took the sockets back from a successor that died): connections
-    /// tracked from now on are not told to finish up. Those told already
-    /// still are, and a later drain's deadline cuts them all.
+    /// Ends a drain because this process serves again (it took the sockets
+    /// back from a successor that died): connections tracked from now on
+    /// are neither told to finish up nor cut. Those told already still are,
+    /// and a later drain's deadline cuts them too; those cut already are
+    /// dropped now.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -155,13 +169,15 @@ impl Drain {
     /// # }
     /// ```
     pub fn resume(&self) {
-        let mut draining = self
-            .inner
-            .draining
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if draining.is_cancelled() {
-            *draining = CancellationToken::new();
+        let mut epoch = self.inner.epoch();
+        if epoch.cut.is_cancelled() {
+            // That drain ended (or was about to): a new one starts clean.
+            epoch.over.cancel();
+            *epoch = Epoch::default();
+        } else if epoch.draining.is_cancelled() {
+            // Interrupted before its cut: the connections it told to finish
+            // up share the next drain's cut with the new ones.
+            epoch.draining = CancellationToken::new();
         }
     }
 
@@ -190,7 +206,8 @@ impl Drain {
     /// ```
     pub async fn drain(&self, timeout: Duration, force: impl Future<Output = ()>) -> DrainReport {
         let start = Instant::now();
-        self.inner.draining().cancel();
+        let epoch = self.inner.epoch().clone();
+        epoch.draining.cancel();
         let flush = cut_flush(timeout);
         let deadline = tokio::time::sleep(timeout - flush);
         tokio::pin!(deadline, force);
@@ -209,9 +226,10 @@ impl Drain {
         };
         let cut = self.active();
         if cut > 0 {
-            self.inner.cut.cancel();
+            epoch.cut.cancel();
             // The cut connections close now; give them the flush time.
             let _ = tokio::time::timeout(flush, self.idle()).await;
+            epoch.over.cancel();
         }
         DrainReport {
             waited: start.elapsed(),
@@ -242,33 +260,58 @@ fn cut_flush(timeout: Duration) -> Duration {
 
 impl ConnectionGuard {
     /// Resolves when draining begins: finish the request in progress, then
-    /// close. (How soon an idle keep-alive connection should close is the
-    /// protocol's business: HTTP/1 closes it after a short grace, so a
-    /// request already on its way is answered rather than reset.)
+    /// close. How soon an idle connection closes is the protocol's business:
+    /// [`Serve::http`](crate::Serve::http) gives an idle HTTP/1 connection a
+    /// short grace, so a request already on its way is answered, not reset.
+    ///
+    /// ```no_run
+    /// # async fn f(guard: handoff::ConnectionGuard) {
+    /// guard.draining().await; // answer what is pending, then close
+    /// # }
+    /// ```
     pub async fn draining(&self) {
-        self.draining.cancelled().await
+        self.epoch.draining.cancelled().await
     }
 
     /// The drain signal, for code that checks it without awaiting.
     #[cfg_attr(not(feature = "hyper"), allow(dead_code))]
     pub(crate) fn draining_token(&self) -> CancellationToken {
-        self.draining.clone()
+        self.epoch.draining.clone()
     }
 
     /// The cut signal, for code that checks it without awaiting.
     #[cfg_attr(not(feature = "tonic"), allow(dead_code))]
     pub(crate) fn cut_token(&self) -> CancellationToken {
-        self.inner.cut.clone()
+        self.epoch.cut.clone()
+    }
+
+    /// Resolves when the drain is over: what is still open is dropped.
+    #[cfg_attr(not(feature = "hyper"), allow(dead_code))]
+    pub(crate) async fn over(&self) {
+        self.epoch.over.cancelled().await
     }
 
     /// Whether draining has begun for this connection.
+    ///
+    /// ```
+    /// let drain = handoff::Drain::new();
+    /// assert!(!drain.track().is_draining());
+    /// ```
     pub fn is_draining(&self) -> bool {
-        self.draining.is_cancelled()
+        self.epoch.draining.is_cancelled()
     }
 
-    /// Resolves when the drain deadline passed or draining was forced: close now.
+    /// Resolves when the connection must close now: the drain deadline is
+    /// near (the cut comes up to 250 ms before it, so that a protocol can
+    /// end what it cut properly) or draining was forced.
+    ///
+    /// ```no_run
+    /// # async fn f(guard: handoff::ConnectionGuard) {
+    /// guard.cut().await; // stop whatever the connection does
+    /// # }
+    /// ```
     pub async fn cut(&self) {
-        self.inner.cut.cancelled().await
+        self.epoch.cut.cancelled().await
     }
 }
 

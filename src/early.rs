@@ -5,7 +5,10 @@
 //! sound while one thread runs: `setenv`/`unsetenv` race with `getenv` in
 //! other threads, and `#[tokio::main]` starts its workers before the first
 //! line of `main`. So a constructor in `.init_array`, which the loader runs
-//! before `main` on the one thread that exists then, reads the variables,
+//! before `main` on the one thread that exists then (in a program; a
+//! library loaded later with `dlopen` into a threaded process gets no such
+//! guarantee, nor does a program whose own constructors start threads),
+//! reads the variables,
 //! removes them, and marks the inherited fds close-on-exec. [`Builder::build`]
 //! later parses that snapshot, from whatever thread, at whatever time.
 //!
@@ -51,8 +54,9 @@ fn capture() -> &'static Snapshot {
 /// then the caller is responsible for calling it before other threads read
 /// the environment).
 pub(crate) fn take() -> &'static Snapshot {
-    // Reading the constructor keeps it linked in (see CAPTURE_AT_START).
-    let _ = std::hint::black_box(CAPTURE_AT_START);
+    // A use of the constructor's static, which the optimizer cannot fold
+    // away, so its object is linked whatever else the binary uses.
+    let _ = std::hint::black_box(&CAPTURE_AT_START);
     capture()
 }
 
@@ -70,21 +74,27 @@ fn mark_inherited_cloexec(values: &Snapshot) {
         return;
     }
     let count = get(LISTEN_FDS).unwrap_or(0);
-    let channel = get(HANDOFF_CHANNEL_FD).map_or(0, |_| 1);
-    let Some(last) = (LISTEN_FDS_START as u32).checked_add(count + channel) else {
-        return;
-    };
-    if count + channel == 0 || count > 65_536 {
+    if count == 0 || count > 65_536 {
         return;
     }
+    let channel = u32::from(get(HANDOFF_CHANNEL_FD).is_some());
+    let first = LISTEN_FDS_START as u32;
+    let last = first + count + channel - 1;
     // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets FD_CLOEXEC on
     // the fds in the range; fds that are not open are skipped by the kernel.
-    unsafe {
+    let marked = unsafe {
         libc::syscall(
             libc::SYS_close_range,
-            LISTEN_FDS_START as libc::c_uint,
-            (last - 1) as libc::c_uint,
+            first as libc::c_uint,
+            last as libc::c_uint,
             libc::CLOSE_RANGE_CLOEXEC,
         )
-    };
+    } == 0;
+    if !marked {
+        // Kernels before 5.11: one call per fd.
+        for fd in first..=last {
+            // SAFETY: F_SETFD only sets the fd's flags; EBADF if not open.
+            unsafe { libc::fcntl(fd as libc::c_int, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+    }
 }

@@ -10,10 +10,17 @@
 //!   request already on its way (or a connection accepted just before the
 //!   cutover) is answered, not reset.
 //! - **HTTP/2**: a two-phase `GOAWAY` at once: streams in flight finish,
-//!   new ones go to a new connection (the successor).
+//!   new ones go to a new connection (the successor). (A connection that
+//!   has sent no request yet gets the HTTP/1 grace first.)
 //! - At the drain deadline, or on a second stop signal, whatever is left is
 //!   cut: the process exits by the deadline whatever its clients do (a
 //!   half-sent request, an endless stream).
+//!
+//! Not drained: a connection that switched protocols (a WebSocket, a
+//! `CONNECT` tunnel) leaves hyper, and so the drain's tracking, once it
+//! switched; its task ends when the process exits. Such an application
+//! tracks it itself ([`Drain::track`](crate::Drain::track) on a `Drain` it
+//! gives [`Serve::drain`], then `draining()`/`cut()` in the socket's task).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,9 +40,17 @@ use crate::serve::Serve;
 
 /// Once draining begins, how long an HTTP/1.1 connection gets to send its
 /// next request before it is closed (see the [module docs](self)).
+///
+/// ```
+/// assert_eq!(handoff::http::IDLE_GRACE, std::time::Duration::from_secs(1));
+/// ```
 pub const IDLE_GRACE: Duration = Duration::from_secs(1);
 
 /// The error type services may return.
+///
+/// ```
+/// let error: handoff::http::BoxError = "bad request".into();
+/// ```
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Serve {
@@ -75,7 +90,6 @@ impl Serve {
         S: tower_service::Service<Request<Incoming>, Response = Response<B>>
             + Clone
             + Send
-            + Sync
             + 'static,
         S::Future: Send + 'static,
         S::Error: Into<BoxError>,
@@ -125,6 +139,7 @@ where
         let (draining, seen) = (draining.clone(), seen.clone());
         async move {
             let version = request.version();
+            let connect = request.method() == http::Method::CONNECT;
             if version == Version::HTTP_2 {
                 seen.store(true, Ordering::Relaxed);
             }
@@ -132,7 +147,10 @@ where
                 .await
                 .map_err(Into::into)?;
             let mut response = service.call(request).await.map_err(Into::into)?;
-            if draining.is_cancelled() && version < Version::HTTP_2 {
+            // An upgrade (101, or a tunnel) keeps its own `Connection:`.
+            let switching =
+                response.status().is_informational() || (connect && response.status().is_success());
+            if draining.is_cancelled() && version < Version::HTTP_2 && !switching {
                 // hyper closes the connection after this response.
                 response
                     .headers_mut()
@@ -186,9 +204,9 @@ where
         () = guard.cut() => {}
     }
     // Cut: what ended its streams at the cut (a gRPC status) gets them out
-    // within the drain's flush time; then the connection is dropped.
-    let _ = tokio::time::timeout(CUT_FLUSH, connection.as_mut()).await;
+    // until the drain is over; then the connection is dropped.
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        () = guard.over() => {}
+    }
 }
-
-/// How long a cut connection is still driven, to send what ended its streams.
-const CUT_FLUSH: Duration = Duration::from_millis(250);

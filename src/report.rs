@@ -30,6 +30,11 @@ pub struct Report {
 
 impl Report {
     /// True if every connection finished by itself and every component closed.
+    ///
+    /// ```
+    /// # let report = handoff::Report { drain: handoff::DrainReport { waited: std::time::Duration::ZERO, cut: 2, forced: false }, shutdown: None };
+    /// assert!(!report.is_clean()); // two connections were cut
+    /// ```
     pub fn is_clean(&self) -> bool {
         self.exit_code() == 0
     }

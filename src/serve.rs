@@ -20,6 +20,16 @@ use crate::shutdown::Shutdown;
 use crate::stop::Finish;
 
 /// What [`Serve`] tells its observer (for event lines or metrics).
+///
+/// ```no_run
+/// # let handoff = handoff::Handoff::builder().build().unwrap();
+/// let serve = handoff::Serve::new(&handoff).on_event(|event| match event {
+///     handoff::ServeEvent::StoppedAccepting { reason, connections } => {
+///         eprintln!("{reason}; draining {connections} connections")
+///     }
+///     other => eprintln!("{other:?}"),
+/// });
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServeEvent {
     /// A stop signal arrived; accepting goes on this long (lame duck).
@@ -180,6 +190,18 @@ impl Serve {
     /// outcome is also printed as one line on stderr, so a failed upgrade is
     /// never silent ([`Handoff::upgrade_events`] is the hook to do better).
     ///
+    /// ```no_run
+    /// # async fn f(handoff: handoff::Handoff, listener: tokio::net::TcpListener) -> Result<(), handoff::Error> {
+    /// let report = handoff::Serve::new(&handoff)
+    ///     .run(listener, |stream, guard| async move {
+    ///         // serve `stream`; finish up on guard.draining(); stop on guard.cut()
+    ///         drop((stream, guard));
+    ///     })
+    ///     .await?;
+    /// std::process::exit(report.exit_code());
+    /// # }
+    /// ```
+    ///
     /// # Errors
     ///
     /// What [`Handoff::ready`] or [`Handoff::handle_signals`] returned: the
@@ -195,10 +217,11 @@ impl Serve {
         F: Future<Output = ()> + Send + 'static,
     {
         let handoff = self.handoff.clone();
-        if !handoff.signals_installed() {
-            handoff
-                .handle_signals()
-                .map_err(|e| Error::io("cannot install the signal handler", e))?;
+        match handoff.handle_signals() {
+            // Installed by the application, or by another `Serve`.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::io("cannot install the signal handler", e)),
+            Ok(_) => {}
         }
         let _stderr = crate::report::StderrFallback::start(&handoff);
         match handoff.ready() {
@@ -240,7 +263,20 @@ impl Serve {
                 })
                 .collect();
             let reason = handoff.stopping().await;
-            if !matches!(reason, StopReason::Upgraded { .. }) && !self.drain_delay.is_zero() {
+            let for_good = !matches!(reason, StopReason::Upgraded { .. });
+            if for_good {
+                // systemd must not kill the process before it is done.
+                let stages = self
+                    .shutdown
+                    .as_ref()
+                    .map_or(Duration::ZERO, Shutdown::overall);
+                handoff.extend_stop_timeout(
+                    self.drain_delay
+                        .saturating_add(self.drain_timeout)
+                        .saturating_add(stages),
+                );
+            }
+            if for_good && !self.drain_delay.is_zero() {
                 self.tell(ServeEvent::LameDuck {
                     delay: self.drain_delay,
                 });
@@ -253,7 +289,7 @@ impl Serve {
             for task in tasks {
                 let _ = task.await;
             }
-            if !matches!(reason, StopReason::Upgraded { .. }) {
+            if for_good {
                 // A stop for good: close the listeners now, so new clients are
                 // refused rather than left waiting in a backlog.
                 listeners.clear();

@@ -126,19 +126,28 @@ impl Handoff {
     }
 
     /// [`Drain::drain`] with this process's force signal (a second
-    /// `SIGTERM`), keeping systemd informed: the drain is announced in
-    /// `STATUS=`, and `EXTEND_TIMEOUT_USEC=` asks systemd not to kill the
-    /// process before the drain deadline (a `TimeoutStopSec=` shorter than
-    /// `timeout` would otherwise cut the drain short). [`Serve`](crate::Serve)'s drain.
+    /// `SIGTERM`), announced to systemd in `STATUS=`. [`Serve`](crate::Serve)'s drain.
     pub(crate) async fn drain(&self, drain: &Drain, timeout: Duration) -> DrainReport {
         if self.handed_over().is_none() {
-            let extend = timeout + Duration::from_secs(1);
             self.inner.upstream.send(&format!(
-                "EXTEND_TIMEOUT_USEC={}\nSTATUS=Stopping: draining {} connections",
-                extend.as_micros(),
+                "STATUS=Stopping: draining {} connections",
                 drain.active()
             ));
         }
         drain.drain(timeout, self.forced()).await
+    }
+
+    /// Asks systemd not to kill this process for `work` more (plus a
+    /// second): `EXTEND_TIMEOUT_USEC=`, so that a `TimeoutStopSec=` shorter
+    /// than the lame duck, the drain and the shutdown stages together does
+    /// not cut them short. Not after a handover: then systemd watches the
+    /// successor.
+    pub(crate) fn extend_stop_timeout(&self, work: Duration) {
+        if self.handed_over().is_none() {
+            let extend = work.saturating_add(Duration::from_secs(1));
+            self.inner
+                .upstream
+                .send(&format!("EXTEND_TIMEOUT_USEC={}", extend.as_micros()));
+        }
     }
 }

@@ -151,6 +151,11 @@ impl Shutdown {
         }
     }
 
+    /// The overall deadline.
+    pub(crate) fn overall(&self) -> Duration {
+        self.overall
+    }
+
     /// Adds a stage, run after the stages added before it.
     pub fn stage(&mut self, name: &str, deadline: Duration) -> &mut Stage {
         self.stages.push(Stage {

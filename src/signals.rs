@@ -78,11 +78,6 @@ impl Handoff {
         }))
     }
 
-    /// Whether [`handle_signals`](Self::handle_signals) installed the handler.
-    pub(crate) fn signals_installed(&self) -> bool {
-        self.inner.signals.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
     fn on_hangup(&self) {
         let pid = self.inner.pid;
         match self.claim_upgrade(true) {

@@ -125,3 +125,48 @@ fn short_connections_see_no_failure_through_upgrades() {
     assert!(errors.is_empty(), "failed exchanges: {errors:?}");
     assert!(ok > 100, "the load ran: {ok}");
 }
+
+/// A take-back after the drain already cut its connections: the cut is over
+/// for the connections accepted afterwards, which are served as before (a
+/// stale cut signal would close each the moment it is accepted).
+#[test]
+fn connections_after_a_take_back_that_followed_a_cut_are_served() {
+    let server = Server::start_with(
+        common::Options::new("echo_server")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--drain-timeout")
+            .arg("0.2")
+            .arg("--probation")
+            .arg("10"),
+    );
+    let old = server.first_pid;
+    // An idle connection the old process holds: the drain cuts it.
+    let mut held = connect(server.addr());
+    held.write_all(b"held\n").unwrap();
+    let mut reply = String::new();
+    BufReader::new(&mut held).read_line(&mut reply).unwrap();
+    assert_eq!(reply, format!("{old} held\n"));
+
+    server.inject_fault("echo_server", "abort-after-ready=1500");
+    let from = server.events.len();
+    common::signal(old, libc::SIGHUP);
+    let (_, exit_of_drain) =
+        server
+            .events
+            .wait(from, DEADLINE, "the old process's drain to cut", |l| {
+                l.is("stopping") && l.num("pid") == u64::from(old)
+            });
+    println!("{}", exit_of_drain.raw);
+    server.events.wait(from, DEADLINE, "the take-back", |l| {
+        l.is("resumed") && l.num("pid") == u64::from(old)
+    });
+    let mut rest = Vec::new();
+    let _ = held.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "the held connection was closed by the cut");
+    for i in 0..5 {
+        let line = format!("after-take-back-{i}");
+        let reply = echo_once(server.addr(), &line).expect("served after the take-back");
+        assert_eq!(reply, format!("{old} {line}\n"));
+    }
+}
