@@ -92,7 +92,9 @@ impl Throughput {
             .enumerate()
             .filter_map(|(i, h)| {
                 let (before, after) = (self.plain.get(i)?, self.plain.get(i + 1)?);
-                Some(value(h) / ((value(before) + value(after)) / 2.0).max(1e-9))
+                let base = (value(before) + value(after)) / 2.0;
+                // Nothing to compare with (no client of that kind).
+                (base > 0.0).then(|| value(h) / base)
             })
             .collect()
     }
