@@ -125,6 +125,16 @@ pub struct Status {
     pub upgrades_failed: u64,
     /// Why the last failed upgrade failed.
     pub last_failure: Option<String>,
+    /// Restarts of a child that did not serve, in the supervisor's current
+    /// window (0 for a library server).
+    #[serde(default)]
+    pub restarts: u64,
+    /// Why the last child failed, to start or while serving.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// When the next restart comes, in seconds from now, if one is due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_restart_in_secs: Option<f64>,
 }
 
 /// One answer.

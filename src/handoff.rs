@@ -349,6 +349,9 @@ impl Handoff {
             upgrades_done: inner.generation - 1 + inner.upgrades_done.load(Ordering::Relaxed),
             upgrades_failed: inner.upgrades_failed.load(Ordering::Relaxed),
             last_failure: lock(&inner.last_failure).clone(),
+            restarts: 0,
+            last_error: None,
+            next_restart_in_secs: None,
         }
     }
 

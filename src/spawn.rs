@@ -371,12 +371,13 @@ impl Child {
     }
 
     /// Hands the child over to a caller that reaps with `waitpid(-1)` itself
-    /// (the supervisor): nothing here will wait for it or kill it.
-    pub(crate) fn into_pid(mut self) -> u32 {
-        self.pidfd = None;
+    /// (the supervisor), with its pidfd: nothing here will wait for it or
+    /// kill it.
+    pub(crate) fn into_pidfd(mut self) -> (u32, Option<OwnedFd>) {
+        let pidfd = self.pidfd.take().map(AsyncFd::into_inner);
         let pid = self.pid();
         std::mem::forget(self);
-        pid
+        (pid, pidfd)
     }
 }
 

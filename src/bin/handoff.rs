@@ -71,6 +71,15 @@ enum Sub {
         /// The signal that asks a child to finish and exit.
         #[arg(long, value_name = "SIG", default_value = "SIGTERM", value_parser = parse_signal)]
         stop_signal: Signal,
+        /// Restarts of a child that does not serve (a crash loop, a missing
+        /// binary) allowed within --restart-window; one more and handoff run
+        /// exits with the last error (so systemd's Restart= or a person
+        /// takes over), like systemd's StartLimitBurst=.
+        #[arg(long, value_name = "N", default_value = "5")]
+        max_restarts: u32,
+        /// The window of --max-restarts, like StartLimitIntervalSec=.
+        #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_duration)]
+        restart_window: Duration,
         /// The server to run, and its arguments (after --).
         #[arg(required = true, last = true, value_name = "CMD")]
         command: Vec<OsString>,
@@ -134,6 +143,8 @@ fn main() -> ExitCode {
         control,
         stop_signal,
         command,
+        max_restarts,
+        restart_window,
     } = cli.command
     {
         let config = supervisor::Config {
@@ -144,6 +155,8 @@ fn main() -> ExitCode {
             control,
             stop_signal,
             command,
+            max_restarts,
+            restart_window,
         };
         return run(pid_file, config);
     }
@@ -258,6 +271,15 @@ fn print_status(status: &Status) {
     );
     if let Some(failure) = &status.last_failure {
         println!("last failure: {failure}");
+    }
+    if status.restarts > 0 || status.next_restart_in_secs.is_some() {
+        let next = status
+            .next_restart_in_secs
+            .map_or_else(String::new, |s| format!("; next try in {s:.1}s"));
+        println!("restarts: {} in the current window{next}", status.restarts);
+    }
+    if let Some(error) = &status.last_error {
+        println!("last error: {error}");
     }
     println!(
         "{:<10} {:<8} {:<9} {:>9} {:>11}  LISTENERS",

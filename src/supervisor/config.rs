@@ -71,4 +71,10 @@ pub struct Config {
     pub stop_signal: Signal,
     /// The child's command: program and arguments.
     pub command: Vec<OsString>,
+    /// Restarts of a child that is not serving (a crash loop, a missing
+    /// binary) allowed within [`restart_window`](Self::restart_window);
+    /// one more and the supervisor exits with the last error.
+    pub max_restarts: u32,
+    /// The sliding window of [`max_restarts`](Self::max_restarts).
+    pub restart_window: Duration,
 }

@@ -3,83 +3,54 @@
 //! systemd socket activation. Upgrading starts a new child with the same
 //! sockets, waits until it is ready, then stops the old one; a failed child
 //! is killed and the old one keeps serving. A child that dies is restarted
-//! with backoff while the sockets stay open. As PID 1 it reaps every orphan.
+//! with backoff while the sockets stay open, up to a start limit. As PID 1 it
+//! reaps every orphan.
 //!
-//! All reaping is central: on `SIGCHLD` the supervisor collects every exited
-//! child with `waitpid(-1)`, its own children and orphans alike.
+//! One owner for the state: [`Loop`] holds the table of children and
+//! decides every transition, one event at a time (a signal, a control
+//! request, a child reaped, a readiness verdict, a timer). Waiting for a
+//! child to get ready runs in a task that reports back, so the loop always
+//! answers: `status` during a crash loop, `upgrade` to deploy the fix,
+//! `SIGTERM` to stop.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
-use nix::sys::signal::{kill, killpg, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
 
-use crate::control::{self, Command, Generation, GenerationState, Response, Status};
+use crate::control::{Command, Generation, Response, Status};
 use crate::env::NOTIFY_SOCKET;
 use crate::notify::{monotonic_usec, NotifyListener};
+use crate::readiness::Inbox;
 pub use crate::readiness::{parse_duration, Ready};
-
-mod config;
-use crate::handoff::lock;
 use crate::spawn::{resolve_program, spawn, SpawnSpec};
 use crate::Handoff;
+
+mod children;
+mod config;
+mod control_socket;
+mod reaper;
+mod restarts;
+
+use children::{Children, State};
 pub use config::{Config, Listen};
-
-/// One child and where it is in its life.
-struct Proc {
-    pid: u32,
-    generation: u64,
-    state: GenerationState,
-    started: Instant,
-}
-
-#[derive(Default)]
-struct Shared {
-    procs: Vec<Proc>,
-    serving: Option<u32>,
-    upgrading: bool,
-    stopping: bool,
-    next_generation: u64,
-    upgrades_done: u64,
-    upgrades_failed: u64,
-    last_failure: Option<String>,
-    /// Exit statuses of reaped children, as shell-style codes (128+signal).
-    /// Kept for a while after the reaping (every waiter looks at once).
-    exits: HashMap<u32, (i32, Instant)>,
-}
-
-struct Supervisor {
-    handoff: Handoff,
-    config: Config,
-    program: PathBuf,
-    cwd: PathBuf,
-    /// The notify socket children get as NOTIFY_SOCKET, and what it heard.
-    notify_addr: String,
-    inbox: Arc<crate::readiness::Inbox>,
-    shared: Mutex<Shared>,
-    exited: Notify,
-    /// The control socket's path, unlinked when the supervisor exits.
-    control_path: Mutex<Option<crate::socket::BoundPath>>,
-    /// Notified whenever `Shared::serving` changes.
-    serving_changed: Notify,
-}
+use restarts::{Next, Restarts};
 
 /// Runs the supervisor until it is told to stop; returns the exit status:
-/// the serving child's, or 1 if no child ever became ready.
+/// the serving child's, or an error if it gave up (the start limit) or could
+/// not start at all.
 ///
-/// `handoff` must be built before the runtime starts (it reads the
-/// environment, e.g. systemd's sockets); call this inside a tokio runtime.
+/// `handoff` reads the environment (e.g. systemd's sockets); call this
+/// inside a tokio runtime.
 pub async fn run(handoff: Handoff, config: Config) -> Result<i32, String> {
     let cwd =
         std::env::current_dir().map_err(|e| format!("cannot read the working directory: {e}"))?;
-    let first = config.command.first().ok_or("no command to run")?;
-    let program = resolve_program(first, &cwd)
-        .ok_or_else(|| format!("{}: not found in PATH", first.to_string_lossy()))?;
+    if config.command.is_empty() {
+        return Err("no command to run".into());
+    }
     for (name, listen) in &config.listen {
         let claimed = match listen {
             Listen::Tcp(addr) => handoff.std_tcp_listener(name, *addr).map(drop),
@@ -91,147 +62,211 @@ pub async fn run(handoff: Handoff, config: Config) -> Result<i32, String> {
     let notify =
         NotifyListener::bind().map_err(|e| format!("cannot create the notify socket: {e}"))?;
     let notify_addr = notify.addr().to_string();
-    let inbox = crate::readiness::Inbox::start(notify);
-    let supervisor = Arc::new(Supervisor {
+    let (requests, incoming) = mpsc::channel(16);
+    let control = match &config.control {
+        Some(path) => Some(control_socket::serve(path, requests)?),
+        None => None,
+    };
+    let reaped = reaper::start().map_err(|e| format!("cannot install the SIGCHLD handler: {e}"))?;
+    let (verdicts, verdicts_rx) = mpsc::unbounded_channel();
+    let mut main = Loop {
+        restarts: Restarts::new(config.max_restarts, config.restart_window),
         handoff,
         config,
-        program,
         cwd,
         notify_addr,
-        inbox,
-        shared: Mutex::new(Shared {
-            next_generation: 1,
-            ..Shared::default()
-        }),
-        exited: Notify::new(),
-        control_path: Mutex::new(None),
-        serving_changed: Notify::new(),
-    });
-    let code = supervisor.main().await;
-    if let Some(path) = lock(&supervisor.control_path).take() {
+        inbox: Inbox::start(notify),
+        children: Children::default(),
+        serving: None,
+        candidate: None,
+        restart_at: None,
+        stopping: None,
+        gave_up: None,
+        next_generation: 1,
+        upgrades_done: 0,
+        upgrades_failed: 0,
+        last_failure: None,
+        last_error: None,
+        serving_exit: None,
+        told_ready: false,
+        verdicts,
+    };
+    let result = main.run(incoming, reaped, verdicts_rx).await;
+    if let Some(path) = control {
         path.unlink_if_ours();
     }
-    code
+    result
 }
 
-impl Supervisor {
-    async fn main(self: &Arc<Self>) -> Result<i32, String> {
+/// A child that is getting ready, and who waits for the outcome.
+struct Candidate {
+    id: u64,
+    /// The task that waits for the readiness check.
+    check: tokio::task::JoinHandle<()>,
+    /// An upgrade (asked for) rather than a restart (after a failure).
+    upgrade: bool,
+    replies: Vec<oneshot::Sender<Response>>,
+    /// Set when it already failed (not ready in time) and is being killed.
+    failed: Option<String>,
+}
+
+/// What the readiness task found.
+enum Verdict {
+    Ready(u64),
+    TooSlow(u64, String),
+}
+
+/// Stopping for good: every child was told; killed at the deadline.
+struct Stopping {
+    deadline: Instant,
+}
+
+/// The one owner of the supervisor's state.
+struct Loop {
+    handoff: Handoff,
+    config: Config,
+    cwd: PathBuf,
+    /// The notify socket children get as NOTIFY_SOCKET, and what it heard.
+    notify_addr: String,
+    inbox: Arc<Inbox>,
+    children: Children,
+    serving: Option<u64>,
+    candidate: Option<Candidate>,
+    restarts: Restarts,
+    restart_at: Option<Instant>,
+    stopping: Option<Stopping>,
+    gave_up: Option<String>,
+    next_generation: u64,
+    upgrades_done: u64,
+    upgrades_failed: u64,
+    last_failure: Option<String>,
+    /// Why the last child failed (to start, or while serving).
+    last_error: Option<String>,
+    /// The exit code of the child that served when the stop began.
+    serving_exit: Option<i32>,
+    /// Whether `Handoff::ready` was called (once a first child served).
+    told_ready: bool,
+    verdicts: mpsc::UnboundedSender<Verdict>,
+}
+
+/// Resolves at `at`, or never.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Loop {
+    async fn run(
+        &mut self,
+        mut incoming: mpsc::Receiver<control_socket::Request>,
+        mut reaped: mpsc::UnboundedReceiver<reaper::Reaped>,
+        mut verdicts: mpsc::UnboundedReceiver<Verdict>,
+    ) -> Result<i32, String> {
         let sig = |kind| signal(kind).map_err(|e| format!("cannot install a signal handler: {e}"));
-        let (mut hup, mut term, mut int, mut chld) = (
+        let (mut hup, mut term, mut int) = (
             sig(SignalKind::hangup())?,
             sig(SignalKind::terminate())?,
             sig(SignalKind::interrupt())?,
-            sig(SignalKind::child())?,
         );
         let (mut usr1, mut usr2) = (
             sig(SignalKind::user_defined1())?,
             sig(SignalKind::user_defined2())?,
         );
-        {
-            let me = self.clone();
-            tokio::spawn(async move {
-                while chld.recv().await.is_some() {
-                    me.reap();
-                }
-            });
-        }
-        let (requests, mut incoming) = mpsc::channel::<(Command, oneshot::Sender<Response>)>(16);
-        if let Some(path) = &self.config.control {
-            self.serve_control(path, requests)?;
-        }
-        tokio::select! {
-            () = self.start_serving() => {}
-            Some(()) = term.recv() => return Ok(self.shutdown("SIGTERM", &mut term, &mut int).await),
-            Some(()) = int.recv() => return Ok(self.shutdown("SIGINT", &mut term, &mut int).await),
-        }
-        self.handoff.ready().map_err(|e| e.to_string())?;
-        self.status_line();
-
-        let name = loop {
-            // Woken when the serving child changes, so the exit watched below
-            // is always the current serving child's.
-            let changed = self.serving_changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            let serving = lock(&self.shared).serving;
+        self.start_candidate(false, Vec::new());
+        loop {
+            if self.stopping.is_some() && self.children.is_empty() {
+                break;
+            }
+            let stop_deadline = self.stopping.as_ref().map(|s| s.deadline);
+            let kill_deadline = self.children.next_deadline();
             tokio::select! {
-                () = &mut changed => {}
-                Some(()) = hup.recv() => self.begin_upgrade(None),
+                Some(reaped) = reaped.recv() => self.on_reaped(reaped.pid, reaped.code),
+                Some(verdict) = verdicts.recv() => self.on_verdict(verdict),
                 Some((command, reply)) = incoming.recv() => match command {
-                    Command::Upgrade => self.begin_upgrade(Some(reply)),
+                    Command::Upgrade => self.upgrade(Some(reply)),
                     Command::Status => drop(reply.send(Response::status(self.status()))),
                 },
-                Some(()) = term.recv() => break "SIGTERM",
-                Some(()) = int.recv() => break "SIGINT",
+                Some(()) = hup.recv() => self.upgrade(None),
+                Some(()) = term.recv() => self.stop("SIGTERM"),
+                Some(()) = int.recv() => self.stop("SIGINT"),
                 Some(()) = usr1.recv() => self.forward(Signal::SIGUSR1),
                 Some(()) = usr2.recv() => self.forward(Signal::SIGUSR2),
-                code = self.wait_exit(serving.unwrap_or(0)), if serving.is_some() => {
-                    // Still the serving child? (Not one an upgrade retired meanwhile.)
-                    let pid = serving.unwrap_or(0);
-                    if lock(&self.shared).serving == Some(pid) {
-                        self.child_died(pid, code).await;
-                    }
+                () = until(self.restart_at) => {
+                    self.restart_at = None;
+                    self.start_candidate(false, Vec::new());
+                }
+                () = until(kill_deadline) => self.kill_overdue(),
+                () = until(stop_deadline) => {
+                    tracing::warn!("drain timeout: killing what is left");
+                    self.kill_all();
                 }
             }
-        };
-        Ok(self.shutdown(name, &mut term, &mut int).await)
-    }
-
-    /// Collects every exited child (and, as PID 1, every orphan).
-    fn reap(&self) {
-        loop {
-            let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(_) => break,
-                Ok(status) => status,
-            };
-            let (pid, code) = match status {
-                WaitStatus::Exited(pid, code) => (pid, code),
-                WaitStatus::Signaled(pid, signal, _) => (pid, 128 + signal as i32),
-                _ => continue,
-            };
-            let pid = pid.as_raw() as u32;
-            let mut shared = lock(&self.shared);
-            if shared.procs.iter().any(|p| p.pid == pid) {
-                shared
-                    .procs
-                    .retain(|p| p.pid != pid || p.state == GenerationState::Serving);
-                // Forget exits long seen, so the map stays small over months.
-                shared
-                    .exits
-                    .retain(|_, (_, at)| at.elapsed() < Duration::from_secs(600));
-                shared.exits.insert(pid, (code, Instant::now()));
-                drop(shared);
-                self.inbox.forget(pid);
-            } else {
-                tracing::debug!(pid, code, "reaped an orphan");
-            }
         }
-        self.exited.notify_waiters();
-    }
-
-    /// Resolves with the exit code of child `pid` once it has been reaped.
-    async fn wait_exit(&self, pid: u32) -> i32 {
-        loop {
-            let notified = self.exited.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some((code, _)) = lock(&self.shared).exits.get(&pid) {
-                return *code;
-            }
-            notified.await;
+        match self.gave_up.take() {
+            Some(why) => Err(why),
+            None => Ok(self.serving_exit.unwrap_or(0)),
         }
     }
 
-    /// Starts a child of the next generation; returns its PID.
-    fn start_child(&self) -> Result<(u32, u64), String> {
-        let generation = {
-            let mut shared = lock(&self.shared);
-            shared.next_generation += 1;
-            shared.next_generation - 1
+    /// Spawns a child of the next generation and starts its readiness
+    /// check. A spawn that fails counts as a failed start.
+    fn start_candidate(&mut self, upgrade: bool, replies: Vec<oneshot::Sender<Response>>) {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let spawned = self.spawn_child();
+        let (pid, pidfd) = match spawned {
+            Ok(child) => child,
+            Err(why) => {
+                let candidate = Candidate {
+                    id: 0,
+                    check: tokio::spawn(async {}),
+                    upgrade,
+                    replies,
+                    failed: None,
+                };
+                self.candidate_failed(candidate, why);
+                return;
+            }
         };
-        let registry = lock(&self.handoff.inner.registry);
+        // A READY=1 that an earlier process with this PID sent means nothing.
+        self.inbox.forget(pid);
+        let id = self.children.add(pid, pidfd, generation);
+        tracing::info!(pid, generation, upgrade, "child started");
+        let (ready, inbox, verdicts) = (
+            self.config.ready.clone(),
+            self.inbox.clone(),
+            self.verdicts.clone(),
+        );
+        let timeout = self.config.upgrade_timeout;
+        let check = tokio::spawn(async move {
+            let verdict = tokio::select! {
+                () = ready.wait(pid, &inbox) => Verdict::Ready(id),
+                () = tokio::time::sleep(timeout) => Verdict::TooSlow(id, format!(
+                    "the new process (pid {pid}) was not ready within {timeout:?}; it was killed"
+                )),
+            };
+            let _ = verdicts.send(verdict);
+        });
+        self.candidate = Some(Candidate {
+            id,
+            check,
+            upgrade,
+            replies,
+            failed: None,
+        });
+    }
+
+    fn spawn_child(&self) -> Result<(u32, std::os::fd::OwnedFd), String> {
+        // Resolved at each start, so a deploy that replaced the binary (or
+        // a PATH entry) is what runs; missing is missing however named.
+        let first = &self.config.command[0];
+        let program = resolve_program(first, &self.cwd)
+            .ok_or_else(|| format!("{}: not found in PATH", first.to_string_lossy()))?;
+        let registry = crate::handoff::lock(&self.handoff.inner.registry);
         let child = spawn(&SpawnSpec {
-            program: &self.program,
+            program: &program,
             args: &self.config.command,
             cwd: &self.cwd,
             fds: registry.handoff_fds(),
@@ -241,284 +276,282 @@ impl Supervisor {
         })
         .map_err(|e| e.to_string())?;
         drop(registry);
-        let pid = child.into_pid();
-        lock(&self.shared).procs.insert(
-            0,
-            Proc {
-                pid,
-                generation,
-                state: GenerationState::Starting,
-                started: Instant::now(),
-            },
-        );
-        tracing::info!(pid, generation, "child started");
-        Ok((pid, generation))
+        match child.into_pidfd() {
+            (pid, Some(pidfd)) => Ok((pid, pidfd)),
+            (pid, None) => Err(format!("no pidfd for the new process (pid {pid})")),
+        }
     }
 
-    /// Starts a child and waits until it is ready; on failure it is killed
-    /// and reaped, and the reason returned.
-    async fn start_ready_child(&self) -> Result<(u32, u64), String> {
-        let (pid, generation) = self.start_child()?;
-        let timeout = self.config.upgrade_timeout;
-        let outcome = tokio::select! {
-            () = self.config.ready.wait(pid, &self.inbox) => Ok(()),
-            code = self.wait_exit(pid) => Err(format!("the new process {} before it was ready", exit_text(pid, code))),
-            () = tokio::time::sleep(timeout) => Err(format!("the new process (pid {pid}) was not ready within {timeout:?}; it was killed")),
+    fn on_verdict(&mut self, verdict: Verdict) {
+        match verdict {
+            Verdict::Ready(id) if self.candidate.as_ref().is_some_and(|c| c.id == id) => {
+                if let Some(candidate) = self.candidate.take() {
+                    self.candidate_ready(candidate);
+                }
+            }
+            Verdict::TooSlow(id, why) => {
+                if let Some(candidate) = self.candidate.as_mut().filter(|c| c.id == id) {
+                    candidate.failed = Some(why);
+                    if let Some(child) = self.children.get(id) {
+                        child.kill_group();
+                    }
+                }
+            }
+            // A verdict on a child that is gone already.
+            Verdict::Ready(_) => {}
+        }
+    }
+
+    /// The candidate is ready: it serves from now on, and whichever child
+    /// serves at this moment (not when the upgrade began) retires.
+    fn candidate_ready(&mut self, candidate: Candidate) {
+        let id = candidate.id;
+        let Some(child) = self.children.get_mut(id) else {
+            return;
         };
-        match outcome {
-            Ok(()) => {
-                let mut shared = lock(&self.shared);
-                if let Some(p) = shared.procs.iter_mut().find(|p| p.pid == pid) {
-                    p.state = GenerationState::Serving;
-                }
-                shared.serving = Some(pid);
-                drop(shared);
-                self.serving_changed.notify_waiters();
-                Ok((pid, generation))
-            }
-            Err(why) => {
-                self.kill_group(pid);
-                self.wait_exit(pid).await;
-                lock(&self.shared).procs.retain(|p| p.pid != pid);
-                Err(why)
+        child.state = State::Serving;
+        let (pid, generation) = (child.pid, child.generation);
+        if let Some(old) = self.serving.replace(id) {
+            self.retire(old);
+        }
+        self.restarts.served();
+        if !self.told_ready {
+            // The first child that serves: now the supervisor is ready.
+            self.told_ready = true;
+            if let Err(error) = self.handoff.ready() {
+                tracing::warn!(%error, "cannot report ready");
             }
         }
-    }
-
-    /// The first child, or a replacement after a crash: retried with backoff.
-    async fn start_serving(&self) {
-        let mut delay = Duration::from_millis(100);
-        loop {
-            match self.start_ready_child().await {
-                Ok(_) => return,
-                Err(why) => {
-                    tracing::error!(error = %why, retry_in = ?delay, "child did not start");
-                    self.handoff
-                        .notify(&format!("STATUS=Starting failed ({why}); retrying"));
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-            }
+        if candidate.upgrade {
+            self.upgrades_done += 1;
+            tracing::info!(pid, generation, "upgrade succeeded");
+        } else {
+            tracing::info!(pid, generation, "child serving");
         }
+        for reply in candidate.replies {
+            let _ = reply.send(Response::upgraded(pid, generation));
+        }
+        self.status_line();
     }
 
-    fn begin_upgrade(self: &Arc<Self>, reply: Option<oneshot::Sender<Response>>) {
-        {
-            let mut shared = lock(&self.shared);
-            if shared.upgrading || shared.stopping {
-                let why = if shared.stopping {
-                    "stopping"
-                } else {
-                    "an upgrade is already in flight"
-                };
-                tracing::info!(reason = why, "upgrade request ignored");
-                if let Some(reply) = reply {
-                    let _ = reply.send(Response::error(why));
-                }
+    /// The candidate failed (exited, too slow, or could not be spawned).
+    fn candidate_failed(&mut self, candidate: Candidate, why: String) {
+        candidate.check.abort();
+        if candidate.upgrade {
+            self.upgrades_failed += 1;
+            self.last_failure = Some(why.clone());
+        }
+        for reply in candidate.replies {
+            let _ = reply.send(Response::error(why.clone()));
+        }
+        self.last_error = Some(why.clone());
+        if self.stopping.is_some() {
+            return;
+        }
+        if self.serving.is_some() {
+            tracing::error!(error = %why, "upgrade failed; the old child keeps serving");
+        } else {
+            tracing::error!(error = %why, "child did not start");
+            self.handoff
+                .notify(&format!("STATUS=Starting failed ({why}); retrying"));
+            self.schedule_restart();
+        }
+        self.status_line();
+    }
+
+    fn on_reaped(&mut self, pid: u32, code: i32) {
+        let Some(child) = self.children.reaped(pid) else {
+            tracing::debug!(pid, code, "reaped an orphan");
+            return;
+        };
+        self.inbox.forget(pid);
+        let exit = exit_text(pid, code);
+        if let Some(candidate) = self.candidate.take_if(|c| c.id == child.id) {
+            let why = candidate
+                .failed
+                .clone()
+                .unwrap_or_else(|| format!("the new process {exit} before it was ready"));
+            self.candidate_failed(candidate, why);
+        } else if self.serving == Some(child.id) {
+            self.serving = None;
+            if self.stopping.is_some() {
+                self.serving_exit = Some(code);
                 return;
             }
-            shared.upgrading = true;
-        }
-        let me = self.clone();
-        tokio::spawn(async move {
-            let response = me.upgrade().await;
-            lock(&me.shared).upgrading = false;
-            if let Some(reply) = reply {
-                let _ = reply.send(response);
+            let why = format!("the serving process {exit}");
+            tracing::error!(error = %why, "the serving child died (the sockets stay open)");
+            self.handoff.notify(&format!("STATUS=Restarting: {why}"));
+            self.last_error = Some(why);
+            // A child getting ready (an upgrade) takes over if it can; else
+            // a restart.
+            if self.candidate.is_none() {
+                self.schedule_restart();
             }
-        });
+        } else {
+            tracing::debug!(
+                pid,
+                code,
+                generation = child.generation,
+                "retired child exited"
+            );
+        }
     }
 
-    async fn upgrade(self: &Arc<Self>) -> Response {
+    fn schedule_restart(&mut self) {
+        match self.restarts.next(Instant::now()) {
+            Next::RetryAt(at) => self.restart_at = Some(at),
+            Next::GiveUp(limit) => {
+                let last = self.last_error.as_deref().unwrap_or("unknown");
+                let why = format!("giving up after {limit}; the last error: {last}");
+                tracing::error!(error = %why, "start limit reached");
+                self.handoff.notify(&format!("STATUS=Failed: {why}"));
+                self.gave_up = Some(why);
+                self.stop("the start limit");
+            }
+        }
+    }
+
+    /// An upgrade asked for (`SIGHUP` or the control socket).
+    fn upgrade(&mut self, reply: Option<oneshot::Sender<Response>>) {
+        let refuse = |reply: Option<oneshot::Sender<Response>>, why: &str| {
+            tracing::info!(reason = why, "upgrade request ignored");
+            if let Some(reply) = reply {
+                let _ = reply.send(Response::error(why));
+            }
+        };
+        if self.stopping.is_some() {
+            return refuse(reply, "stopping");
+        }
+        if self.candidate.as_ref().is_some_and(|c| c.upgrade) {
+            return refuse(reply, "an upgrade is already in flight");
+        }
+        if let Some(restart) = self.candidate.take() {
+            // A restart is getting ready (no child serves): the upgrade
+            // replaces it at once, since the upgrade is how a fix arrives.
+            restart.check.abort();
+            self.retire(restart.id);
+        }
+        self.restart_at = None;
         self.handoff.notify(&format!(
             "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=Upgrading",
             monotonic_usec()
         ));
-        let old = lock(&self.shared).serving;
-        match self.start_ready_child().await {
-            Ok((pid, generation)) => {
-                if let Some(old) = old {
-                    self.retire(old);
+        self.start_candidate(true, reply.into_iter().collect());
+    }
+
+    /// Asks child `id` to drain and exit; kills its group at the drain deadline.
+    fn retire(&mut self, id: u64) {
+        let (stop_signal, drain_timeout) = (self.config.stop_signal, self.config.drain_timeout);
+        if let Some(child) = self.children.get_mut(id) {
+            child.state = State::Retiring {
+                deadline: Some(Instant::now() + drain_timeout),
+            };
+            child.signal(stop_signal);
+        }
+    }
+
+    /// Kills the retiring children whose drain deadline passed.
+    fn kill_overdue(&mut self) {
+        let now = Instant::now();
+        for child in self.children.iter_mut() {
+            if let State::Retiring {
+                deadline: Some(deadline),
+            } = child.state
+            {
+                if deadline <= now {
+                    tracing::warn!(
+                        pid = child.pid,
+                        "child did not exit within the drain timeout; SIGKILL"
+                    );
+                    child.kill_group();
+                    child.state = State::Retiring { deadline: None };
                 }
-                lock(&self.shared).upgrades_done += 1;
-                tracing::info!(pid, generation, "upgrade succeeded");
-                self.status_line();
-                Response::upgraded(pid, generation)
-            }
-            Err(why) => {
-                {
-                    let mut shared = lock(&self.shared);
-                    shared.upgrades_failed += 1;
-                    shared.last_failure = Some(why.clone());
-                }
-                tracing::error!(error = %why, "upgrade failed; the old child keeps serving");
-                self.status_line();
-                Response::error(why)
             }
         }
     }
 
-    /// Asks `pid` to drain and exit; kills its group at the drain deadline.
-    fn retire(self: &Arc<Self>, pid: u32) {
-        if let Some(p) = lock(&self.shared).procs.iter_mut().find(|p| p.pid == pid) {
-            p.state = GenerationState::Draining;
+    /// Stops every child with the stop signal; a second stop kills them.
+    fn stop(&mut self, name: &str) {
+        if self.stopping.is_some() {
+            tracing::warn!(signal = name, "second stop signal: killing now");
+            self.kill_all();
+            return;
         }
-        let _ = kill(Pid::from_raw(pid as i32), self.config.stop_signal);
-        let me = self.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = me.wait_exit(pid) => {}
-                () = tokio::time::sleep(me.config.drain_timeout) => {
-                    // Not reaped yet, so the PID (and group) is still this child's.
-                    tracing::warn!(pid, "child did not exit within the drain timeout; SIGKILL");
-                    me.kill_group(pid);
-                }
-            }
+        tracing::info!(
+            reason = name,
+            "stopping: the stop signal goes to every child"
+        );
+        self.handoff.notify("STOPPING=1\nSTATUS=Stopping");
+        self.stopping = Some(Stopping {
+            deadline: Instant::now() + self.config.drain_timeout,
         });
+        self.restart_at = None;
+        if let Some(candidate) = self.candidate.take() {
+            candidate.check.abort();
+            for reply in candidate.replies {
+                let _ = reply.send(Response::error("stopping"));
+            }
+        }
+        let stop_signal = self.config.stop_signal;
+        for child in self.children.iter_mut() {
+            child.signal(stop_signal);
+            if child.state != State::Serving {
+                child.state = State::Retiring { deadline: None };
+            }
+        }
     }
 
-    fn kill_group(&self, pid: u32) {
-        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    fn kill_all(&mut self) {
+        for child in self.children.iter() {
+            child.kill_group();
+        }
     }
 
     fn forward(&self, signal: Signal) {
-        if let Some(pid) = lock(&self.shared).serving {
-            let _ = kill(Pid::from_raw(pid as i32), signal);
+        if let Some(child) = self.serving.and_then(|id| self.children.get(id)) {
+            child.signal(signal);
         }
-    }
-
-    async fn child_died(&self, pid: u32, code: i32) {
-        {
-            let mut shared = lock(&self.shared);
-            shared.serving = None;
-            shared.procs.retain(|p| p.pid != pid);
-        }
-        let why = format!("the serving process {}", exit_text(pid, code));
-        tracing::error!(error = %why, "the serving child died; restarting it (the sockets stay open)");
-        self.handoff.notify(&format!("STATUS=Restarting: {why}"));
-        self.start_serving().await;
-        self.status_line();
-    }
-
-    /// Stops every child with the stop signal, waits for the drain deadline,
-    /// kills what is left; returns the serving child's exit status.
-    async fn shutdown(
-        &self,
-        name: &str,
-        term: &mut tokio::signal::unix::Signal,
-        int: &mut tokio::signal::unix::Signal,
-    ) -> i32 {
-        tracing::info!(
-            signal = name,
-            "stopping: forwarding the stop signal to every child"
-        );
-        self.handoff.notify("STOPPING=1\nSTATUS=Stopping");
-        let (serving, pids) = {
-            let mut shared = lock(&self.shared);
-            shared.stopping = true;
-            (
-                shared.serving,
-                shared.procs.iter().map(|p| p.pid).collect::<Vec<_>>(),
-            )
-        };
-        for &pid in &pids {
-            let _ = kill(Pid::from_raw(pid as i32), self.config.stop_signal);
-        }
-        let all = async {
-            for &pid in &pids {
-                self.wait_exit(pid).await;
-            }
-        };
-        tokio::select! {
-            () = all => {}
-            () = tokio::time::sleep(self.config.drain_timeout) => tracing::warn!("drain timeout: killing what is left"),
-            Some(()) = term.recv() => tracing::warn!("second stop signal: killing now"),
-            Some(()) = int.recv() => tracing::warn!("second stop signal: killing now"),
-        }
-        for &pid in &pids {
-            self.kill_group(pid);
-        }
-        for &pid in &pids {
-            self.wait_exit(pid).await;
-        }
-        let shared = lock(&self.shared);
-        serving
-            .and_then(|pid| shared.exits.get(&pid).map(|(code, _)| *code))
-            .unwrap_or(0)
     }
 
     fn status(&self) -> Status {
-        let shared = lock(&self.shared);
         let listeners: Vec<String> = self.config.listen.iter().map(|(n, _)| n.clone()).collect();
         Status {
             pid: std::process::id(),
-            generations: shared
-                .procs
+            generations: self
+                .children
                 .iter()
-                .map(|p| Generation {
-                    pid: p.pid,
-                    generation: p.generation,
-                    state: p.state,
-                    age_secs: p.started.elapsed().as_secs_f64(),
+                .map(|c| Generation {
+                    pid: c.pid,
+                    generation: c.generation,
+                    state: c.reported_state(),
+                    age_secs: c.started.elapsed().as_secs_f64(),
                     connections: None,
                     listeners: listeners.clone(),
                 })
                 .collect(),
-            upgrades_done: shared.upgrades_done,
-            upgrades_failed: shared.upgrades_failed,
-            last_failure: shared.last_failure.clone(),
+            upgrades_done: self.upgrades_done,
+            upgrades_failed: self.upgrades_failed,
+            last_failure: self.last_failure.clone(),
+            restarts: self.restarts.count() as u64,
+            last_error: self.last_error.clone(),
+            next_restart_in_secs: self
+                .restart_at
+                .map(|at| at.saturating_duration_since(Instant::now()).as_secs_f64()),
         }
     }
 
     /// `READY=1` and a status line for systemd (ends a reload, too).
     fn status_line(&self) {
-        let shared = lock(&self.shared);
-        let serving = shared
-            .procs
-            .iter()
-            .find(|p| p.state == GenerationState::Serving);
+        let serving = self.serving.and_then(|id| self.children.get(id));
         let mut status = match serving {
-            Some(p) => format!("Serving, generation {} (pid {})", p.generation, p.pid),
+            Some(c) => format!("Serving, generation {} (pid {})", c.generation, c.pid),
             None => "No child serving".to_owned(),
         };
-        if let Some(failure) = &shared.last_failure {
+        if let Some(failure) = &self.last_failure {
             status.push_str("; last upgrade failed: ");
             status.push_str(failure);
         }
-        drop(shared);
         self.handoff.notify(&format!("READY=1\nSTATUS={status}"));
-    }
-
-    fn serve_control(
-        self: &Arc<Self>,
-        path: &std::path::Path,
-        requests: mpsc::Sender<(Command, oneshot::Sender<Response>)>,
-    ) -> Result<(), String> {
-        // Bound here, not registered for handoff: the supervisor keeps its
-        // PID, and its children must not receive this socket.
-        let context = |e: &dyn std::fmt::Display| format!("control socket {}: {e}", path.display());
-        control::prepare_dir(path).map_err(|e| context(&e))?;
-        let (fd, bound) =
-            crate::socket::bind_unix(path, nix::sys::socket::SockType::Stream, Some(0o600))
-                .map_err(|e| context(&e))?;
-        let listener = std::os::unix::net::UnixListener::from(fd);
-        listener.set_nonblocking(true).map_err(|e| context(&e))?;
-        let listener = tokio::net::UnixListener::from_std(listener).map_err(|e| context(&e))?;
-        *lock(&self.control_path) = Some(bound);
-        let handler: control::Handler = Arc::new(move |command| {
-            let requests = requests.clone();
-            Box::pin(async move {
-                let (reply, answer) = oneshot::channel();
-                if requests.send((command, reply)).await.is_err() {
-                    return Response::error("the supervisor is stopping");
-                }
-                answer
-                    .await
-                    .unwrap_or_else(|_| Response::error("the supervisor is stopping"))
-            })
-        });
-        tokio::spawn(control::serve(listener, handler, std::future::pending()));
-        Ok(())
     }
 }
 
