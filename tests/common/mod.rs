@@ -15,6 +15,7 @@ pub mod http;
 pub mod load;
 pub mod peers;
 pub mod process;
+pub mod supervised;
 
 pub use events::{Events, Line};
 pub use process::*;

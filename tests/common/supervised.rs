@@ -1,0 +1,163 @@
+//! `handoff run` under test: the supervisor with a launcher script (which a
+//! test may replace, as a deploy replaces a binary) in a private directory,
+//! killed with everything it started when the test ends.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::http::get;
+use super::{become_subreaper, free_port, Tagged, TempDir, DEADLINE};
+
+pub fn handoff(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_handoff"))
+        .args(args)
+        .output()
+        .expect("run handoff")
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `handoff run` supervising the Python server through a launcher script
+/// (which a test may replace, as a deploy replaces a binary).
+pub struct Supervised {
+    pub dir: TempDir,
+    pub addr: SocketAddr,
+    pub control: String,
+    pub launcher: PathBuf,
+    pub supervisor: Child,
+    pub tag: Tagged,
+}
+
+pub fn python_server() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/servers/activated_server.py")
+        .to_string_lossy()
+        .into_owned()
+}
+
+pub fn write_launcher(path: &Path, body: &str) {
+    let _ = std::fs::remove_file(path);
+    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
+impl Supervised {
+    pub fn start(extra: &[&str], wrapper: &[&str]) -> Supervised {
+        Self::start_child(extra, wrapper, None)
+    }
+
+    /// As `start`, with the launcher running `child` (given the address)
+    /// instead of the Python server.
+    pub fn start_child(
+        extra: &[&str],
+        wrapper: &[&str],
+        child: Option<&dyn Fn(SocketAddr) -> String>,
+    ) -> Supervised {
+        let supervised = Self::launch(extra, wrapper, child, None);
+        supervised.wait_serving();
+        supervised
+    }
+
+    fn launch(
+        extra: &[&str],
+        wrapper: &[&str],
+        child: Option<&dyn Fn(SocketAddr) -> String>,
+        command: Option<&[&str]>,
+    ) -> Supervised {
+        become_subreaper();
+        let dir = TempDir::new("supervisor");
+        let addr = free_port();
+        let control = dir
+            .path()
+            .join("run/control.sock")
+            .to_string_lossy()
+            .into_owned();
+        let launcher = dir.path().join("server.sh");
+        let body = match child {
+            Some(child) => child(addr),
+            None => format!("exec /usr/bin/python3 {}", python_server()),
+        };
+        write_launcher(&launcher, &body);
+        let tag = Tagged::new("supervisor");
+        let listen = format!("http0=tcp://{addr}");
+        let mut args: Vec<&str> = wrapper.to_vec();
+        args.extend([
+            env!("CARGO_BIN_EXE_handoff"),
+            "run",
+            "--listen",
+            &listen,
+            "--control",
+            &control,
+        ]);
+        args.extend_from_slice(extra);
+        let launcher_arg = launcher.to_string_lossy().into_owned();
+        args.push("--");
+        match command {
+            Some(command) => args.extend_from_slice(command),
+            None => args.push(&launcher_arg),
+        }
+        let stderr = std::fs::File::create(dir.path().join("supervisor.log")).unwrap();
+        let supervisor = Command::new(args[0])
+            .args(&args[1..])
+            .env("TEST_SERVER_TAG", tag.value())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start handoff run");
+        Supervised {
+            dir,
+            addr,
+            control,
+            launcher,
+            supervisor,
+            tag,
+        }
+    }
+
+    /// As `start_child`, without waiting for a child to serve (one that
+    /// never will, say).
+    pub fn spawn_child(extra: &[&str], child: &dyn Fn(SocketAddr) -> String) -> Supervised {
+        Self::launch(extra, &[], Some(child), None)
+    }
+
+    /// `handoff run` with `command` (not the launcher) after `--`, run in
+    /// the test's directory; no waiting.
+    pub fn spawn_command(extra: &[&str], command: &[&str]) -> Supervised {
+        Self::launch(extra, &[], None, Some(command))
+    }
+
+    /// Waits until a request succeeds (the first child is ready).
+    pub fn wait_serving(&self) -> u32 {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Ok(response) = get(self.addr, "/") {
+                return response.pid().expect("pid in the body");
+            }
+            assert!(Instant::now() < deadline, "never served:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn upgrade(&self) -> Output {
+        handoff(&["upgrade", "--control", &self.control, "--timeout", "30s"])
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("supervisor.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- supervisor log ---\n{}", self.log());
+        }
+        let _ = self.supervisor.kill();
+        let _ = self.supervisor.wait();
+    }
+}

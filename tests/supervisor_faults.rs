@@ -1,0 +1,227 @@
+//! `handoff run` in control through faults: a crash loop never blocks
+//! `status`, `upgrade` or `SIGTERM`; restarts are bounded and a missing
+//! binary is missing however it was named; the serving child killed in the
+//! middle of an upgrade leaves no generation behind.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::http::get;
+use common::supervised::{handoff, python_server, text, write_launcher, Supervised};
+use common::{signal, wait_exit, DEADLINE};
+
+/// `handoff status --json`, parsed, and how long the answer took.
+fn status(sup: &Supervised) -> (serde_json::Value, Duration) {
+    let start = Instant::now();
+    let out = handoff(&["status", "--control", &sup.control, "--json"]);
+    let took = start.elapsed();
+    assert!(
+        out.status.success(),
+        "handoff status: {}\n{}",
+        text(&out.stderr),
+        sup.log()
+    );
+    let value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    (value, took)
+}
+
+/// Waits (with the deadline) until `condition` holds on a fresh status.
+fn wait_status(
+    sup: &Supervised,
+    what: &str,
+    condition: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if std::path::Path::new(&sup.control).exists() {
+            let (value, _) = status(sup);
+            if condition(&value) {
+                return value;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            sup.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn serving_pids(status: &serde_json::Value) -> Vec<u64> {
+    status["generations"]
+        .as_array()
+        .map(|gens| {
+            gens.iter()
+                .filter(|g| g["state"] == "serving")
+                .filter_map(|g| g["pid"].as_u64())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_crash_loop_never_blocks_status_upgrade_or_sigterm() {
+    let sup = Supervised::spawn_child(
+        &["--max-restarts", "1000", "--drain-timeout", "2s"],
+        &|_| "echo 'bad config' >&2\nexit 3".to_owned(),
+    );
+    // The crash loop is under way: status answers, with what is going on.
+    let looping = wait_status(&sup, "a restart to be counted", |s| {
+        s["restarts"].as_u64() >= Some(2)
+    });
+    let mut slowest = Duration::ZERO;
+    for _ in 0..10 {
+        let (value, took) = status(&sup);
+        slowest = slowest.max(took);
+        assert!(serving_pids(&value).is_empty(), "nothing serves: {value}");
+    }
+    let last_error = looping["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    println!(
+        "crash loop: {} restarts, next try in {:?} s, last error {last_error:?}; slowest of 10 `handoff status`: {slowest:?}",
+        looping["restarts"], looping["next_restart_in_secs"]
+    );
+    assert!(
+        last_error.contains("exited with status 3 before it was ready"),
+        "{looping}"
+    );
+    assert!(
+        slowest < Duration::from_secs(2),
+        "status answered in {slowest:?}"
+    );
+    let human = handoff(&["status", "--control", &sup.control]);
+    assert!(
+        text(&human.stdout).contains("last error: "),
+        "{}",
+        text(&human.stdout)
+    );
+
+    // The fix is deployed by an upgrade, which starts a new child at once.
+    write_launcher(
+        &sup.launcher,
+        &format!("exec /usr/bin/python3 {}", python_server()),
+    );
+    let out = sup.upgrade();
+    assert!(
+        out.status.success(),
+        "upgrade during a crash loop: {}\n{}",
+        text(&out.stderr),
+        sup.log()
+    );
+    let fixed: u32 = text(&out.stdout).trim().parse().expect("the new PID");
+    assert_eq!(get(sup.addr, "/").expect("GET /").pid(), Some(fixed));
+
+    // Broken again and the serving child dies: a new crash loop, and
+    // SIGTERM still stops everything within the drain timeout.
+    write_launcher(&sup.launcher, "exit 3");
+    signal(fixed, libc::SIGKILL);
+    wait_status(&sup, "the new crash loop", |s| {
+        serving_pids(s).is_empty() && s["restarts"].as_u64() >= Some(1)
+    });
+    let stop = Instant::now();
+    signal(sup.supervisor.id(), libc::SIGTERM);
+    let code = wait_exit(sup.supervisor.id(), Duration::from_secs(10));
+    println!(
+        "SIGTERM during a crash loop: exit {code:?} after {:?}",
+        stop.elapsed()
+    );
+    assert!(
+        code.is_some(),
+        "the supervisor ignored SIGTERM\n{}",
+        sup.log()
+    );
+    assert!(
+        stop.elapsed() < Duration::from_secs(4),
+        "stopped in {:?}",
+        stop.elapsed()
+    );
+}
+
+/// Runs `handoff run -- COMMAND` with a start limit of 3 and returns its
+/// exit status and log once it gave up.
+fn gives_up(command: &str) -> (Option<i32>, String, Duration) {
+    let start = Instant::now();
+    let sup = Supervised::spawn_command(
+        &["--max-restarts", "3", "--restart-window", "60s"],
+        &[command],
+    );
+    let code = wait_exit(sup.supervisor.id(), DEADLINE)
+        .unwrap_or_else(|| panic!("`-- {command}` was retried forever\n{}", sup.log()));
+    (code, sup.log(), start.elapsed())
+}
+
+#[test]
+fn a_missing_binary_gives_up_after_the_start_limit_however_it_was_named() {
+    for command in ["./no-such-server", "no-such-server-in-path"] {
+        let (code, log, took) = gives_up(command);
+        let last = log.lines().last().unwrap_or_default().to_owned();
+        println!("`-- {command}`: exit {code:?} after {took:?}: {last}");
+        assert_eq!(code, Some(2), "exit status for `-- {command}`\n{log}");
+        assert!(last.contains("giving up after 3 restarts"), "{last}");
+        assert!(
+            last.contains("no-such-server"),
+            "the error names the binary: {last}"
+        );
+    }
+}
+
+#[test]
+fn the_serving_child_killed_mid_upgrade_leaves_no_generation_behind() {
+    let sup = Supervised::start(&["--drain-timeout", "5s"], &[]);
+    let first = sup.wait_serving();
+    // The next version takes a second to get ready.
+    write_launcher(
+        &sup.launcher,
+        &format!("sleep 1\nexec /usr/bin/python3 {}", python_server()),
+    );
+    let upgrade = std::process::Command::new(env!("CARGO_BIN_EXE_handoff"))
+        .args(["upgrade", "--control", &sup.control, "--timeout", "30s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start handoff upgrade");
+    wait_status(&sup, "the new child to be starting", |s| {
+        s["generations"]
+            .as_array()
+            .is_some_and(|g| g.iter().any(|g| g["state"] == "starting"))
+    });
+    signal(first, libc::SIGKILL);
+    let out = upgrade.wait_with_output().expect("handoff upgrade");
+    assert!(
+        out.status.success(),
+        "the upgrade still succeeds: {}\n{}",
+        text(&out.stderr),
+        sup.log()
+    );
+    let second: u32 = text(&out.stdout).trim().parse().expect("the new PID");
+    assert_eq!(get(sup.addr, "/").expect("GET /").pid(), Some(second));
+
+    // Two more upgrades: exactly one generation serves after each, and
+    // every other child is gone.
+    write_launcher(
+        &sup.launcher,
+        &format!("exec /usr/bin/python3 {}", python_server()),
+    );
+    let mut serving = second;
+    for _ in 0..2 {
+        let out = sup.upgrade();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serving = text(&out.stdout).trim().parse().expect("the new PID");
+    }
+    let settled = wait_status(&sup, "one generation left", |s| {
+        s["generations"].as_array().is_some_and(|g| g.len() == 1)
+    });
+    println!("after the kill mid-upgrade and 2 more upgrades: {settled}");
+    assert_eq!(serving_pids(&settled), vec![u64::from(serving)]);
+    let alive = sup.tag.processes();
+    assert_eq!(
+        alive.len(),
+        2,
+        "the supervisor and one child: {alive:?}\n{}",
+        sup.log()
+    );
+}
