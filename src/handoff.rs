@@ -146,7 +146,7 @@ impl Builder {
             }
         };
         let pid = std::process::id();
-        tracing::info!(pid, generation = start.generation, mode = ?start.mode, inherited = inherited.len(), "handoff started");
+        tracing::debug!(pid, generation = start.generation, mode = ?start.mode, inherited = inherited.len(), "handoff started");
         let (events, _) = broadcast::channel(64);
         Ok(Handoff {
             inner: Arc::new(Inner {

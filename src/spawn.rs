@@ -41,6 +41,10 @@ pub(crate) struct SpawnSpec<'a> {
     /// Start with `SIGHUP` ignored (a handoff successor installs its own
     /// handler; an arbitrary program under the supervisor must not).
     pub ignore_sighup: bool,
+    /// Sent to the child if this process dies (`PR_SET_PDEATHSIG`): the
+    /// supervisor's children drain and exit rather than hold the sockets
+    /// as orphans. Never for a handoff successor, which outlives its parent.
+    pub parent_death_signal: Option<nix::sys::signal::Signal>,
 }
 
 /// A started successor. Dropping it before [`Child::commit`] kills its
@@ -79,6 +83,9 @@ struct Prepared {
     sources: Vec<RawFd>,
     scratch: Vec<RawFd>,
     ignore_sighup: bool,
+    parent_death_signal: libc::c_int,
+    /// This process's PID, to tell in the child whether it already died.
+    parent: libc::pid_t,
 }
 
 fn prepare(spec: &SpawnSpec<'_>) -> io::Result<Prepared> {
@@ -132,6 +139,9 @@ fn prepare(spec: &SpawnSpec<'_>) -> io::Result<Prepared> {
         sources,
         scratch,
         ignore_sighup: spec.ignore_sighup,
+        parent_death_signal: spec.parent_death_signal.map_or(0, |s| s as libc::c_int),
+        // SAFETY: getpid has no preconditions.
+        parent: unsafe { libc::getpid() },
     })
 }
 
@@ -168,6 +178,19 @@ unsafe fn exec_child(p: &mut Prepared, err_fd: RawFd) -> ! {
     libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     if p.ignore_sighup {
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
+    if p.parent_death_signal != 0 {
+        // The signal comes when the thread that forked exits: the
+        // supervisor forks from its one runtime thread, which lives as
+        // long as it does. A parent that died before this call is caught
+        // by the check after it.
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            p.parent_death_signal as libc::c_ulong,
+        );
+        if libc::getppid() != p.parent {
+            libc::_exit(1);
+        }
     }
 
     if count > 0 {

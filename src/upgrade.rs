@@ -281,6 +281,7 @@ async fn attempt(handoff: &Handoff) -> Result<(Child, Channel), UpgradeError> {
             channel: Some(std::os::fd::AsFd::as_fd(&theirs)),
             env,
             ignore_sighup: true,
+            parent_death_signal: None,
         })
     };
     drop(theirs);

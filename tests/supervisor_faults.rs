@@ -225,3 +225,95 @@ fn the_serving_child_killed_mid_upgrade_leaves_no_generation_behind() {
         sup.log()
     );
 }
+
+/// A `handoff run` started by hand, killed and reaped when dropped.
+struct Extra(std::process::Child);
+
+impl Drop for Extra {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_killed_supervisor_leaves_no_orphan_and_a_new_one_takes_the_port() {
+    let sup = Supervised::start(&[], &[]);
+    let child = sup.wait_serving();
+    signal(sup.supervisor.id(), libc::SIGKILL);
+    assert!(
+        wait_exit(sup.supervisor.id(), DEADLINE).is_some(),
+        "the supervisor died"
+    );
+    // The orphan was told (its parent-death signal is the stop signal): it
+    // drains and exits instead of holding the port.
+    let exited = wait_exit(child, DEADLINE);
+    println!("orphaned child {child} after SIGKILL of its supervisor: exit {exited:?}");
+    assert!(
+        exited.is_some(),
+        "child {child} still runs without its supervisor"
+    );
+
+    // A new supervisor on the same port and control path (the old one left
+    // its socket file behind) starts and serves.
+    let listen = format!("http0=tcp://{}", sup.addr);
+    let launcher = sup.launcher.to_string_lossy().into_owned();
+    let log = std::fs::File::create(sup.dir.path().join("second.log")).expect("log");
+    let second = Extra(
+        std::process::Command::new(env!("CARGO_BIN_EXE_handoff"))
+            .args([
+                "run",
+                "--listen",
+                &listen,
+                "--control",
+                &sup.control,
+                "--",
+                &launcher,
+            ])
+            .env("TEST_SERVER_TAG", sup.tag.value())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start a second handoff run"),
+    );
+    let deadline = Instant::now() + DEADLINE;
+    let pid = loop {
+        if let Some(pid) = get(sup.addr, "/").ok().and_then(|r| r.pid()) {
+            break pid;
+        }
+        let second_log =
+            std::fs::read_to_string(sup.dir.path().join("second.log")).unwrap_or_default();
+        assert!(
+            Instant::now() < deadline,
+            "the second supervisor never served:\n{second_log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_ne!(pid, child);
+    let out = handoff(&["status", "--control", &sup.control]);
+    assert!(
+        out.status.success(),
+        "status on the reused control path: {}",
+        text(&out.stderr)
+    );
+    drop(second);
+}
+
+#[test]
+fn a_stop_that_went_as_asked_is_exit_0_even_when_the_child_dies_of_the_signal() {
+    // `sleep` has no SIGTERM handler: it dies of the signal, as uvicorn and
+    // a plain Node server do.
+    let sup = Supervised::spawn_child(&["--ready", "delay=100ms"], &|_| {
+        "exec sleep 600".to_owned()
+    });
+    wait_status(&sup, "the child to serve", |s| !serving_pids(s).is_empty());
+    signal(sup.supervisor.id(), libc::SIGTERM);
+    let code = wait_exit(sup.supervisor.id(), DEADLINE);
+    assert_eq!(
+        code,
+        Some(Some(0)),
+        "exit status of handoff run\n{}",
+        sup.log()
+    );
+}

@@ -204,9 +204,13 @@ impl Loop {
                 }
             }
         }
-        match self.gave_up.take() {
-            Some(why) => Err(why),
-            None => Ok(self.serving_exit.unwrap_or(0)),
+        let stopped_as_asked = 128 + self.config.stop_signal as i32;
+        match (self.gave_up.take(), self.serving_exit) {
+            (Some(why), _) => Err(why),
+            // A requested stop that went as asked (the child died of the
+            // stop signal, as uvicorn and plain Node do) is a clean stop.
+            (None, Some(code)) if code == stopped_as_asked => Ok(0),
+            (None, code) => Ok(code.unwrap_or(0)),
         }
     }
 
@@ -273,6 +277,9 @@ impl Loop {
             channel: None,
             env: vec![(NOTIFY_SOCKET, self.notify_addr.clone().into())],
             ignore_sighup: false,
+            // Killed with SIGKILL, the supervisor leaves no orphan holding
+            // the sockets: its children get the stop signal and drain.
+            parent_death_signal: Some(self.config.stop_signal),
         })
         .map_err(|e| e.to_string())?;
         drop(registry);
