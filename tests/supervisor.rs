@@ -83,7 +83,10 @@ fn a_failing_new_child_is_reported_and_the_old_one_keeps_serving() {
     load.wait_for_more(50);
     for (body, expected) in [
         (Some("exit 3"), "exited with status 3"),
-        (Some("exec sleep 300"), "was not ready within 2s"),
+        (
+            Some("exec sleep 300"),
+            "was not ready within 2s (it never sent READY=1",
+        ),
         (None, "does not exist"),
     ] {
         match body {

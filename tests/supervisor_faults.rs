@@ -317,3 +317,70 @@ fn a_stop_that_went_as_asked_is_exit_0_even_when_the_child_dies_of_the_signal() 
         sup.log()
     );
 }
+
+/// gunicorn (no `--preload`) under `handoff run --min-uptime 3s`, serving
+/// `app` from tests/servers.
+fn gunicorn(app: &str) -> Option<String> {
+    let python = common::peers::python_with("gunicorn")?;
+    let servers = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/servers");
+    Some(format!(
+        "exec {} -m gunicorn --chdir {servers} --workers 2 --graceful-timeout 5 {app}",
+        python.display()
+    ))
+}
+
+#[test]
+fn with_min_uptime_a_gunicorn_whose_app_fails_to_import_is_a_failed_upgrade() {
+    let (Some(good), Some(broken)) = (gunicorn("wsgi_app:app"), gunicorn("broken_app:app")) else {
+        return;
+    };
+    let sup = Supervised::start_child(&["--min-uptime", "3s"], &[], Some(&|_| good.clone()));
+    let old = sup.wait_serving();
+
+    // gunicorn's arbiter says READY=1, then its workers fail to import the
+    // app and it exits: within the minimum uptime, so the upgrade fails.
+    write_launcher(&sup.launcher, &broken);
+    let out = sup.upgrade();
+    let error = text(&out.stderr);
+    println!(
+        "broken deploy: handoff upgrade exit {:?}: {}",
+        out.status.code(),
+        error.trim()
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the upgrade failed\n{}",
+        sup.log()
+    );
+    assert!(error.contains("--min-uptime"), "{error}");
+    let (after, _) = status(&sup);
+    assert_eq!(after["upgrades_failed"], 1, "{after}");
+    assert_eq!(after["upgrades_done"], 0, "{after}");
+    let served = get(sup.addr, "/");
+    assert!(
+        served.is_ok(),
+        "the old gunicorn serves on: {served:?}\n{}",
+        sup.log()
+    );
+
+    // A good deploy takes over once it has lived the minimum uptime.
+    write_launcher(&sup.launcher, &good);
+    let start = Instant::now();
+    let out = sup.upgrade();
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), sup.log());
+    println!("good deploy: took over after {:?}", start.elapsed());
+    assert!(
+        start.elapsed() >= Duration::from_secs(3),
+        "not before --min-uptime"
+    );
+    let (after, _) = status(&sup);
+    assert_eq!(after["upgrades_done"], 1, "{after}");
+    let deadline = Instant::now() + DEADLINE;
+    while get(sup.addr, "/").ok().and_then(|r| r.pid()) == Some(old) {
+        assert!(
+            Instant::now() < deadline,
+            "the old gunicorn's workers still answer"
+        );
+    }
+}

@@ -80,6 +80,13 @@ enum Sub {
         /// The window of --max-restarts, like StartLimitIntervalSec=.
         #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_duration)]
         restart_window: Duration,
+        /// In an upgrade, the new child takes over only once it has lived
+        /// this long after it said ready; until then the old one serves on
+        /// beside it, and a new child that dies sooner is a failed upgrade. For servers that
+        /// say ready before they can fail (gunicorn's arbiter says READY=1
+        /// before its workers import the app).
+        #[arg(long, value_name = "DUR", default_value = "0s", value_parser = parse_duration)]
+        min_uptime: Duration,
         /// The server to run, and its arguments (after --).
         #[arg(required = true, last = true, value_name = "CMD")]
         command: Vec<OsString>,
@@ -145,6 +152,7 @@ fn main() -> ExitCode {
         command,
         max_restarts,
         restart_window,
+        min_uptime,
     } = cli.command
     {
         let config = supervisor::Config {
@@ -157,6 +165,7 @@ fn main() -> ExitCode {
             command,
             max_restarts,
             restart_window,
+            min_uptime,
         };
         return run(pid_file, config);
     }

@@ -77,4 +77,9 @@ pub struct Config {
     pub max_restarts: u32,
     /// The sliding window of [`max_restarts`](Self::max_restarts).
     pub restart_window: Duration,
+    /// In an upgrade, how long a new child must live after it said ready
+    /// before it takes over (the old one serves on beside it until then);
+    /// one that dies sooner is a failed upgrade. Zero: it takes over at
+    /// once, as does any child when none serves.
+    pub min_uptime: Duration,
 }

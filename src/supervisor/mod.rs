@@ -108,6 +108,9 @@ struct Candidate {
     replies: Vec<oneshot::Sender<Response>>,
     /// Set when it already failed (not ready in time) and is being killed.
     failed: Option<String>,
+    /// When it said ready; it takes over once it has lived `--min-uptime`
+    /// more (until then the serving child serves on beside it).
+    ready_at: Option<Instant>,
 }
 
 /// What the readiness task found.
@@ -180,6 +183,11 @@ impl Loop {
                 break;
             }
             let stop_deadline = self.stopping.as_ref().map(|s| s.deadline);
+            let proven_at = self
+                .candidate
+                .as_ref()
+                .and_then(|c| c.ready_at)
+                .map(|at| at + self.config.min_uptime);
             let kill_deadline = self.children.next_deadline();
             tokio::select! {
                 Some(reaped) = reaped.recv() => self.on_reaped(reaped.pid, reaped.code),
@@ -198,6 +206,11 @@ impl Loop {
                     self.start_candidate(false, Vec::new());
                 }
                 () = until(kill_deadline) => self.kill_overdue(),
+                () = until(proven_at) => {
+                    if let Some(candidate) = self.candidate.take() {
+                        self.candidate_ready(candidate);
+                    }
+                }
                 () = until(stop_deadline) => {
                     tracing::warn!("drain timeout: killing what is left");
                     self.kill_all();
@@ -229,6 +242,7 @@ impl Loop {
                     upgrade,
                     replies,
                     failed: None,
+                    ready_at: None,
                 };
                 self.candidate_failed(candidate, why);
                 return;
@@ -244,11 +258,20 @@ impl Loop {
             self.verdicts.clone(),
         );
         let timeout = self.config.upgrade_timeout;
+        let expected = match &ready {
+            Ready::Notify => "it never sent READY=1 to $NOTIFY_SOCKET (sd_notify); a server that \
+                              cannot send it can be run with --ready delay=DUR or --ready http=URL"
+                .to_owned(),
+            Ready::Delay(delay) => format!("--ready delay={delay:?}"),
+            Ready::Http { authority, path } => {
+                format!("GET http://{authority}{path} never answered 2xx")
+            }
+        };
         let check = tokio::spawn(async move {
             let verdict = tokio::select! {
                 () = ready.wait(pid, &inbox) => Verdict::Ready(id),
                 () = tokio::time::sleep(timeout) => Verdict::TooSlow(id, format!(
-                    "the new process (pid {pid}) was not ready within {timeout:?}; it was killed"
+                    "the new process (pid {pid}) was not ready within {timeout:?} ({expected}); it was killed"
                 )),
             };
             let _ = verdicts.send(verdict);
@@ -259,6 +282,7 @@ impl Loop {
             upgrade,
             replies,
             failed: None,
+            ready_at: None,
         });
     }
 
@@ -292,8 +316,16 @@ impl Loop {
     fn on_verdict(&mut self, verdict: Verdict) {
         match verdict {
             Verdict::Ready(id) if self.candidate.as_ref().is_some_and(|c| c.id == id) => {
-                if let Some(candidate) = self.candidate.take() {
-                    self.candidate_ready(candidate);
+                // --min-uptime keeps an old child serving beside the new
+                // one; with none serving (the first start, a restart) the
+                // new one serves at once.
+                if self.config.min_uptime.is_zero() || self.serving.is_none() {
+                    if let Some(candidate) = self.candidate.take() {
+                        self.candidate_ready(candidate);
+                    }
+                } else if let Some(candidate) = self.candidate.as_mut() {
+                    tracing::info!(min_uptime = ?self.config.min_uptime, "new child ready; it takes over once it has lived --min-uptime");
+                    candidate.ready_at = Some(Instant::now());
                 }
             }
             Verdict::TooSlow(id, why) => {
@@ -374,10 +406,15 @@ impl Loop {
         self.inbox.forget(pid);
         let exit = exit_text(pid, code);
         if let Some(candidate) = self.candidate.take_if(|c| c.id == child.id) {
-            let why = candidate
-                .failed
-                .clone()
-                .unwrap_or_else(|| format!("the new process {exit} before it was ready"));
+            let why = match (&candidate.failed, candidate.ready_at) {
+                (Some(why), _) => why.clone(),
+                (None, Some(ready_at)) => format!(
+                    "the new process {exit} {:.1} s after it said ready, within --min-uptime {:?}",
+                    ready_at.elapsed().as_secs_f64(),
+                    self.config.min_uptime
+                ),
+                (None, None) => format!("the new process {exit} before it was ready"),
+            };
             self.candidate_failed(candidate, why);
         } else if self.serving == Some(child.id) {
             self.serving = None;
