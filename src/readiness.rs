@@ -10,6 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::handoff::lock;
 use crate::notify::NotifyListener;
+use crate::supervisor::accepted_by;
 
 /// Reads the supervisor's notify socket all the time, so a child's
 /// `sd_notify` (`STATUS=`, `WATCHDOG=1`, …) never finds it full, and
@@ -80,7 +81,9 @@ pub enum Ready {
     Notify,
     /// The child counts as ready this long after it started.
     Delay(Duration),
-    /// The child counts as ready once `GET` on this URL answers 2xx.
+    /// The child counts as ready once `GET` on this URL answers 2xx, from
+    /// a connection the child itself (or a process of its group) accepted:
+    /// on a socket the old child also accepts on, its answers do not count.
     Http {
         /// `host:port` to connect to.
         authority: String,
@@ -162,7 +165,7 @@ impl Ready {
             Ready::Notify => inbox.ready(pid).await,
             Ready::Delay(delay) => tokio::time::sleep(*delay).await,
             Ready::Http { authority, path } => loop {
-                if http_ok(authority, path).await {
+                if http_ok(authority, path, pid).await {
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -171,10 +174,24 @@ impl Ready {
     }
 }
 
-/// One `GET`; true on a 2xx status line.
-async fn http_ok(authority: &str, path: &str) -> bool {
+/// One `GET`; true on a 2xx status line from the child `pid` (or a
+/// process of its group, such as a worker): a connection that another
+/// process accepted (the old child, on the same shared socket) does not
+/// count, whatever it answers.
+async fn http_ok(authority: &str, path: &str, pid: u32) -> bool {
     let attempt = async {
         let mut stream = tokio::net::TcpStream::connect(authority).await.ok()?;
+        let (server, client) = (stream.peer_addr().ok()?, stream.local_addr().ok()?);
+        let inode = loop {
+            if let Some(inode) = accepted_by::accepted_inode(server, client) {
+                break inode;
+            }
+            // Still in the backlog: whoever accepts it next.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        if !accepted_by::group_holds(pid, inode) {
+            return Some(false);
+        }
         let request =
             format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.ok()?;

@@ -29,6 +29,7 @@ pub use crate::readiness::{parse_duration, Ready};
 use crate::spawn::{resolve_program, spawn, SpawnSpec};
 use crate::Handoff;
 
+pub(crate) mod accepted_by;
 mod children;
 mod config;
 mod control_socket;
@@ -264,7 +265,7 @@ impl Loop {
                 .to_owned(),
             Ready::Delay(delay) => format!("--ready delay={delay:?}"),
             Ready::Http { authority, path } => {
-                format!("GET http://{authority}{path} never answered 2xx")
+                format!("GET http://{authority}{path} never answered 2xx from the new process; answers of other processes on a shared socket do not count")
             }
         };
         let check = tokio::spawn(async move {

@@ -93,7 +93,12 @@ impl Supervised {
             "--control",
             &control,
         ]);
-        args.extend_from_slice(extra);
+        // `{addr}` in an argument is the address the supervisor listens on.
+        let extra: Vec<String> = extra
+            .iter()
+            .map(|arg| arg.replace("{addr}", &addr.to_string()))
+            .collect();
+        args.extend(extra.iter().map(String::as_str));
         let launcher_arg = launcher.to_string_lossy().into_owned();
         args.push("--");
         match command {
