@@ -14,9 +14,14 @@ use crate::supervisor::accepted_by;
 
 /// Reads the supervisor's notify socket all the time, so a child's
 /// `sd_notify` (`STATUS=`, `WATCHDOG=1`, …) never finds it full, and
-/// remembers which children said `READY=1` (by the sender's PID).
+/// remembers who said `READY=1`: by the sender's PID (which the kernel
+/// vouches for), and by the sender's process group, so that a helper the
+/// child runs (`handoff notify READY=1`, `systemd-notify --ready`) speaks
+/// for it: each child leads a group of its own.
 pub(crate) struct Inbox {
     ready: Mutex<HashSet<u32>>,
+    /// Process groups one of whose members said `READY=1`.
+    ready_groups: Mutex<HashSet<u32>>,
     changed: tokio::sync::Notify,
 }
 
@@ -25,6 +30,7 @@ impl Inbox {
     pub(crate) fn start(listener: NotifyListener) -> Arc<Inbox> {
         let inbox = Arc::new(Inbox {
             ready: Mutex::new(HashSet::new()),
+            ready_groups: Mutex::new(HashSet::new()),
             changed: tokio::sync::Notify::new(),
         });
         let reader = inbox.clone();
@@ -34,6 +40,11 @@ impl Inbox {
                     Ok(message) => match message.pid {
                         Some(pid) if message.has("READY=1") => {
                             lock(&reader.ready).insert(pid);
+                            // Looked up now, while the sender lives (a
+                            // helper waits on a BARRIER=1 sent after this).
+                            if let Some(group) = accepted_by::process_group(pid) {
+                                lock(&reader.ready_groups).insert(group);
+                            }
                             reader.changed.notify_waiters();
                         }
                         sender => tracing::debug!(?sender, text = %message.text, "notify message"),
@@ -53,7 +64,7 @@ impl Inbox {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if lock(&self.ready).contains(&pid) {
+            if lock(&self.ready).contains(&pid) || lock(&self.ready_groups).contains(&pid) {
                 return;
             }
             changed.await;
@@ -63,6 +74,7 @@ impl Inbox {
     /// Forgets a child that exited.
     pub(crate) fn forget(&self, pid: u32) {
         lock(&self.ready).remove(&pid);
+        lock(&self.ready_groups).remove(&pid);
     }
 }
 

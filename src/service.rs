@@ -125,6 +125,20 @@ impl Handoff {
         self.inner.upstream.send(lines)
     }
 
+    /// As [`notify`](Self::notify), then waits (at most `timeout`) until the
+    /// service manager has processed the lines (`BARRIER=1`, as
+    /// `sd_notify_barrier(3)`), so that this process is still alive when
+    /// the manager looks at who sent them. True if the manager answered.
+    ///
+    /// ```no_run
+    /// # async fn f(handoff: handoff::Handoff) {
+    /// let processed = handoff.notify_and_wait("READY=1", std::time::Duration::from_secs(5)).await;
+    /// # }
+    /// ```
+    pub async fn notify_and_wait(&self, lines: &str, timeout: Duration) -> bool {
+        self.inner.upstream.send(lines) && self.inner.upstream.barrier(timeout).await
+    }
+
     /// [`Drain::drain`] with this process's force signal (a second
     /// `SIGTERM`), announced to systemd in `STATUS=`. [`Serve`](crate::Serve)'s drain.
     pub(crate) async fn drain(&self, drain: &Drain, timeout: Duration) -> DrainReport {

@@ -91,6 +91,15 @@ enum Sub {
         #[arg(required = true, last = true, value_name = "CMD")]
         command: Vec<OsString>,
     },
+    /// Send sd_notify lines (READY=1, STATUS=…) to $NOTIFY_SOCKET and wait
+    /// until they were processed: for servers that cannot send them
+    /// themselves (Node has no Unix datagram sockets). Under `handoff run`
+    /// a READY=1 from any process of the child's process group counts.
+    Notify {
+        /// The lines, such as READY=1 or "STATUS=Warming up".
+        #[arg(required = true, value_name = "LINE")]
+        lines: Vec<String>,
+    },
     /// Upgrade the server now and wait for the outcome.
     ///
     /// Prints the PID of the new process and exits 0 once it serves; prints
@@ -181,6 +190,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Sub::Run { .. } => unreachable!("handled above"),
+        Sub::Notify { lines } => notify(&runtime, &lines.join("\n")),
         Sub::Upgrade { control, timeout } => {
             let answer = runtime.block_on(request(&control, Command::Upgrade, timeout));
             report(answer, &control, |response| match &response.upgraded {
@@ -212,6 +222,25 @@ fn main() -> ExitCode {
                 None => false,
             })
         }
+    }
+}
+
+/// `handoff notify`: exit 0 once the lines were processed, 1 if there is no
+/// $NOTIFY_SOCKET or it did not answer.
+fn notify(runtime: &tokio::runtime::Runtime, lines: &str) -> ExitCode {
+    let handoff = match handoff::Handoff::builder().build() {
+        Ok(handoff) => handoff,
+        Err(error) => {
+            eprintln!("handoff notify: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let timeout = Duration::from_secs(5);
+    if runtime.block_on(handoff.notify_and_wait(lines, timeout)) {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("handoff notify: $NOTIFY_SOCKET is not set, or nobody processed the lines within {timeout:?}");
+        ExitCode::FAILURE
     }
 }
 

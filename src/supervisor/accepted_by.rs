@@ -43,7 +43,7 @@ pub(crate) fn group_holds(pgid: u32, inode: u64) -> bool {
 
 /// The process group of `pid`, from `/proc/PID/stat` (after the command,
 /// which may contain anything, in parentheses).
-fn process_group(pid: u32) -> Option<u32> {
+pub(crate) fn process_group(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = &stat[stat.rfind(')')? + 1..];
     // state ppid pgrp
