@@ -152,6 +152,9 @@ fn render(name: &str, units: &Path, state: &Path, addr: SocketAddr) {
         .replace("/usr/local/bin/handoff", &path(&state.join("handoff")))
         .replace("127.0.0.1:8080", &addr.to_string())
         .replace("127.0.0.1:8081", &addr.to_string())
+        // Short enough that a supervisor that stopped pinging is killed
+        // within the test.
+        .replace("WatchdogSec=10s", "WatchdogSec=2s")
         .lines()
         .filter(|l| *l != "[Install]" && !l.starts_with("WantedBy="))
         .map(|l| format!("{l}\n"))

@@ -153,6 +153,28 @@ struct Loop {
     verdicts: mpsc::UnboundedSender<Verdict>,
 }
 
+/// Half the service manager's watchdog interval (`WATCHDOG_USEC`, for this
+/// process if `WATCHDOG_PID` says so), as `sd_watchdog_enabled(3)` advises.
+fn watchdog_interval() -> Option<std::time::Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
+    }
+    (usec > 0).then(|| std::time::Duration::from_micros(usec / 2))
+}
+
+/// The next tick of `interval`, or never.
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// Resolves at `at`, or never.
 async fn until(at: Option<Instant>) {
     match at {
@@ -178,6 +200,10 @@ impl Loop {
             sig(SignalKind::user_defined1())?,
             sig(SignalKind::user_defined2())?,
         );
+        let mut watchdog = watchdog_interval().map(tokio::time::interval);
+        if let Some(interval) = &watchdog {
+            tracing::info!(every = ?interval.period(), "pinging the service manager's watchdog while a child serves");
+        }
         self.start_candidate(false, Vec::new());
         loop {
             if self.stopping.is_some() && self.children.is_empty() {
@@ -207,6 +233,13 @@ impl Loop {
                     self.start_candidate(false, Vec::new());
                 }
                 () = until(kill_deadline) => self.kill_overdue(),
+                _ = tick(&mut watchdog) => {
+                    // Alive, and a child serves: a crash loop lets systemd's
+                    // watchdog (and Restart=) act.
+                    if self.serving.is_some() {
+                        self.handoff.notify("WATCHDOG=1");
+                    }
+                }
                 () = until(proven_at) => {
                     if let Some(candidate) = self.candidate.take() {
                         self.candidate_ready(candidate);
