@@ -22,8 +22,15 @@ pub(crate) struct Inbox {
     ready: Mutex<HashSet<u32>>,
     /// Process groups one of whose members said `READY=1`.
     ready_groups: Mutex<HashSet<u32>>,
+    /// The last `STATUS=` of each process group, for the supervisor's own.
+    statuses: Mutex<std::collections::HashMap<u32, String>>,
     changed: tokio::sync::Notify,
+    /// Notified when a `STATUS=` arrived.
+    pub(crate) status_changed: tokio::sync::Notify,
 }
+
+/// The longest child `STATUS=` relayed; the rest is cut.
+const MAX_STATUS: usize = 200;
 
 impl Inbox {
     /// Starts draining `listener`. Needs a tokio runtime.
@@ -31,24 +38,31 @@ impl Inbox {
         let inbox = Arc::new(Inbox {
             ready: Mutex::new(HashSet::new()),
             ready_groups: Mutex::new(HashSet::new()),
+            statuses: Mutex::new(std::collections::HashMap::new()),
             changed: tokio::sync::Notify::new(),
+            status_changed: tokio::sync::Notify::new(),
         });
         let reader = inbox.clone();
         tokio::spawn(async move {
             loop {
                 match listener.recv().await {
-                    Ok(message) => match message.pid {
-                        Some(pid) if message.has("READY=1") => {
-                            lock(&reader.ready).insert(pid);
-                            // Looked up now, while the sender lives (a
-                            // helper waits on a BARRIER=1 sent after this).
-                            if let Some(group) = accepted_by::process_group(pid) {
-                                lock(&reader.ready_groups).insert(group);
+                    Ok(message) => {
+                        reader.note_status(&message);
+                        match message.pid {
+                            Some(pid) if message.has("READY=1") => {
+                                lock(&reader.ready).insert(pid);
+                                // Looked up now, while the sender lives (a
+                                // helper waits on a BARRIER=1 sent after this).
+                                if let Some(group) = accepted_by::process_group(pid) {
+                                    lock(&reader.ready_groups).insert(group);
+                                }
+                                reader.changed.notify_waiters();
                             }
-                            reader.changed.notify_waiters();
+                            sender => {
+                                tracing::debug!(?sender, text = %crate::escape::Escaped(&message.text), "notify message")
+                            }
                         }
-                        sender => tracing::debug!(?sender, text = %message.text, "notify message"),
-                    },
+                    }
                     Err(error) => {
                         tracing::warn!(%error, "notify socket");
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -75,6 +89,35 @@ impl Inbox {
     pub(crate) fn forget(&self, pid: u32) {
         lock(&self.ready).remove(&pid);
         lock(&self.ready_groups).remove(&pid);
+        lock(&self.statuses).remove(&pid);
+    }
+
+    /// Keeps the sender group's last `STATUS=` (printable, bounded).
+    fn note_status(&self, message: &crate::channel::Message) {
+        let (Some(pid), None) = (message.pid, &message.problem) else {
+            return;
+        };
+        let Some(status) = message
+            .text
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("STATUS="))
+        else {
+            return;
+        };
+        let group = accepted_by::process_group(pid).unwrap_or(pid);
+        let clean: String = status
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(MAX_STATUS)
+            .collect();
+        lock(&self.statuses).insert(group, clean);
+        self.status_changed.notify_one();
+    }
+
+    /// The last `STATUS=` the child `pid` (or its group) sent, if any.
+    pub(crate) fn status_of(&self, pid: u32) -> Option<String> {
+        lock(&self.statuses).get(&pid).cloned()
     }
 }
 

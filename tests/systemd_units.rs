@@ -257,6 +257,13 @@ fn scenario(variant: &Variant, systemd_root: Option<&Path>) {
     sandbox.wait_for(service, "StatusText", "the first STATUS=", |s| {
         s.starts_with("Serving, generation 1") && s.contains(&format!("(pid {main})"))
     });
+    if variant.supervised {
+        // The child's own STATUS= (sent to the supervisor) is relayed.
+        let status = sandbox.wait_for(service, "StatusText", "the child's STATUS= relayed", |s| {
+            s.contains("; it says: Serving")
+        });
+        println!("{}: {status}", variant.label);
+    }
 
     // 10 reloads under load.
     let load = Load::start(addr, 2, 2);

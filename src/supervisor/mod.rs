@@ -200,6 +200,7 @@ impl Loop {
             sig(SignalKind::user_defined1())?,
             sig(SignalKind::user_defined2())?,
         );
+        let inbox = self.inbox.clone();
         let mut watchdog = watchdog_interval().map(tokio::time::interval);
         if let Some(interval) = &watchdog {
             tracing::info!(every = ?interval.period(), "pinging the service manager's watchdog while a child serves");
@@ -219,6 +220,13 @@ impl Loop {
             tokio::select! {
                 Some(reaped) = reaped.recv() => self.on_reaped(reaped.pid, reaped.code),
                 Some(verdict) = verdicts.recv() => self.on_verdict(verdict),
+                () = inbox.status_changed.notified() => {
+                    // The serving child's own STATUS=, relayed (STATUS= alone:
+                    // a READY=1 here would end a reload systemd is watching).
+                    if self.serving.is_some() && self.stopping.is_none() && self.candidate.is_none() {
+                        self.handoff.notify(&format!("STATUS={}", self.status_text()));
+                    }
+                }
                 Some((command, reply)) = incoming.recv() => match command {
                     Command::Upgrade => self.upgrade(Some(reply)),
                     Command::Status => drop(reply.send(Response::status(self.status()))),
@@ -620,16 +628,27 @@ impl Loop {
 
     /// `READY=1` and a status line for systemd (ends a reload, too).
     fn status_line(&self) {
+        self.handoff
+            .notify(&format!("READY=1\nSTATUS={}", self.status_text()));
+    }
+
+    /// What `STATUS=` says: who serves, what it says itself, the last
+    /// failed upgrade.
+    fn status_text(&self) -> String {
         let serving = self.serving.and_then(|id| self.children.get(id));
         let mut status = match serving {
             Some(c) => format!("Serving, generation {} (pid {})", c.generation, c.pid),
             None => "No child serving".to_owned(),
         };
+        if let Some(child_says) = serving.and_then(|c| self.inbox.status_of(c.pid)) {
+            status.push_str("; it says: ");
+            status.push_str(&child_says);
+        }
         if let Some(failure) = &self.last_failure {
             status.push_str("; last upgrade failed: ");
             status.push_str(failure);
         }
-        self.handoff.notify(&format!("READY=1\nSTATUS={status}"));
+        status
     }
 }
 
