@@ -384,3 +384,42 @@ fn with_min_uptime_a_gunicorn_whose_app_fails_to_import_is_a_failed_upgrade() {
         );
     }
 }
+
+#[test]
+fn an_upgrade_asked_while_the_first_child_gets_ready_waits_for_it() {
+    let python = format!("exec /usr/bin/python3 {}", python_server());
+    // The first child counts as ready after a second; the upgrade is asked
+    // for before that, and the new version is broken.
+    let sup = Supervised::spawn_child(&["--ready", "delay=1s"], &|_| python.clone());
+    let deadline = Instant::now() + DEADLINE;
+    while !std::path::Path::new(&sup.control).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no control socket\n{}",
+            sup.log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (early, _) = status(&sup);
+    let first = early["generations"][0]["pid"]
+        .as_u64()
+        .expect("the first child") as u32;
+    assert_eq!(early["generations"][0]["state"], "starting", "{early}");
+    write_launcher(&sup.launcher, "exit 1");
+    let out = sup.upgrade();
+    println!(
+        "upgrade during the first start: exit {:?}: {}",
+        out.status.code(),
+        text(&out.stderr).trim()
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the broken upgrade fails\n{}",
+        sup.log()
+    );
+    // The first child was not sacrificed to it: it serves.
+    let (after, _) = status(&sup);
+    assert_eq!(serving_pids(&after), vec![u64::from(first)], "{after}");
+    assert_eq!(get(sup.addr, "/").expect("GET /").pid(), Some(first));
+}

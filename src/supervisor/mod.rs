@@ -90,6 +90,7 @@ pub async fn run(handoff: Handoff, config: Config) -> Result<i32, String> {
         last_error: None,
         serving_exit: None,
         told_ready: false,
+        queued_upgrade: None,
         verdicts,
     };
     let result = main.run(incoming, reaped, verdicts_rx).await;
@@ -150,6 +151,9 @@ struct Loop {
     serving_exit: Option<i32>,
     /// Whether `Handoff::ready` was called (once a first child served).
     told_ready: bool,
+    /// An upgrade asked for while the first child got ready, with who
+    /// waits for its outcome; it starts once that child is ready or failed.
+    queued_upgrade: Option<Vec<oneshot::Sender<Response>>>,
     verdicts: mpsc::UnboundedSender<Verdict>,
 }
 
@@ -413,6 +417,20 @@ impl Loop {
             let _ = reply.send(Response::upgraded(pid, generation));
         }
         self.status_line();
+        self.run_queued_upgrade();
+    }
+
+    /// Starts the upgrade that waited for the first child, if any.
+    fn run_queued_upgrade(&mut self) {
+        if let Some(replies) = self.queued_upgrade.take() {
+            if replies.is_empty() {
+                self.upgrade(None);
+            }
+            for reply in replies {
+                // One upgrade; later replies are refused as "in flight".
+                self.upgrade(Some(reply));
+            }
+        }
     }
 
     /// The candidate failed (exited, too slow, or could not be spawned).
@@ -438,6 +456,7 @@ impl Loop {
             self.schedule_restart();
         }
         self.status_line();
+        self.run_queued_upgrade();
     }
 
     fn on_reaped(&mut self, pid: u32, code: i32) {
@@ -511,9 +530,19 @@ impl Loop {
         if self.candidate.as_ref().is_some_and(|c| c.upgrade) {
             return refuse(reply, "an upgrade is already in flight");
         }
+        if self.candidate.is_some() && self.last_error.is_none() {
+            // The first child is still getting ready, and nothing failed:
+            // the upgrade follows once it has (it may be ready any moment).
+            tracing::info!("upgrade queued until the first child is ready");
+            self.queued_upgrade
+                .get_or_insert_with(Vec::new)
+                .extend(reply);
+            return;
+        }
         if let Some(restart) = self.candidate.take() {
-            // A restart is getting ready (no child serves): the upgrade
-            // replaces it at once, since the upgrade is how a fix arrives.
+            // A restart is getting ready after a failure (no child serves):
+            // the upgrade replaces it at once, since that is how a fix
+            // arrives.
             restart.check.abort();
             self.retire(restart.id);
         }
@@ -577,6 +606,9 @@ impl Loop {
             for reply in candidate.replies {
                 let _ = reply.send(Response::error("stopping"));
             }
+        }
+        for reply in self.queued_upgrade.take().into_iter().flatten() {
+            let _ = reply.send(Response::error("stopping"));
         }
         let stop_signal = self.config.stop_signal;
         for child in self.children.iter_mut() {
