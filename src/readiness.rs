@@ -237,14 +237,19 @@ async fn http_ok(authority: &str, path: &str, pid: u32) -> bool {
     let attempt = async {
         let mut stream = tokio::net::TcpStream::connect(authority).await.ok()?;
         let (server, client) = (stream.peer_addr().ok()?, stream.local_addr().ok()?);
+        // /proc is read off the runtime's one thread, which the
+        // supervisor's loop needs.
         let inode = loop {
-            if let Some(inode) = accepted_by::accepted_inode(server, client) {
+            let found =
+                tokio::task::spawn_blocking(move || accepted_by::accepted_inode(server, client));
+            if let Some(inode) = found.await.ok().flatten() {
                 break inode;
             }
             // Still in the backlog: whoever accepts it next.
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        if !accepted_by::group_holds(pid, inode) {
+        let ours = tokio::task::spawn_blocking(move || accepted_by::group_holds(pid, inode));
+        if !ours.await.unwrap_or(false) {
             return Some(false);
         }
         let request =

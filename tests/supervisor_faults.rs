@@ -423,3 +423,41 @@ fn an_upgrade_asked_while_the_first_child_gets_ready_waits_for_it() {
     assert_eq!(serving_pids(&after), vec![u64::from(first)], "{after}");
     assert_eq!(get(sup.addr, "/").expect("GET /").pid(), Some(first));
 }
+
+#[test]
+fn a_server_behind_a_shell_without_exec_is_retired_too() {
+    // `sh` is the child; the server is its child, in its process group.
+    // (Node takes fd 3 without checking LISTEN_PID, which names `sh`.)
+    let node = std::path::Path::new("/usr/bin/node");
+    if !node.exists() {
+        eprintln!("SKIPPED: /usr/bin/node is not installed");
+        return;
+    }
+    let body = format!(
+        "HANDOFF_BIN={} {} {}/tests/servers/node_server.js",
+        env!("CARGO_BIN_EXE_handoff"),
+        node.display(),
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let sup = Supervised::start_child(&["--drain-timeout", "5s"], &[], Some(&|_| body.clone()));
+    let old = sup.wait_serving();
+    let out = sup.upgrade();
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), sup.log());
+    // The old server got the stop signal with its group: it drains and exits.
+    let exited = wait_exit(old, Duration::from_secs(10));
+    println!("the old server behind sh: exit {exited:?}");
+    assert_eq!(
+        exited,
+        Some(Some(0)),
+        "the old server {old} drained and exited by itself (None: still runs)\n{}",
+        sup.log()
+    );
+    // And at stop, the supervisor waits for the server, not only for sh.
+    let serving = sup.wait_serving();
+    signal(sup.supervisor.id(), libc::SIGTERM);
+    assert!(wait_exit(sup.supervisor.id(), DEADLINE).is_some());
+    assert!(
+        !sup.tag.processes().contains(&serving),
+        "the server outlived its supervisor"
+    );
+}

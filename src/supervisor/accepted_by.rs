@@ -11,10 +11,22 @@ use std::path::Path;
 /// peer is `client`, or None while it waits in the backlog (inode 0) or is
 /// not found.
 pub(crate) fn accepted_inode(server: SocketAddr, client: SocketAddr) -> Option<u64> {
-    let table = match server {
-        SocketAddr::V4(_) => "/proc/net/tcp",
-        SocketAddr::V6(_) => "/proc/net/tcp6",
+    // An IPv4 connection to a dual-stack IPv6 socket is listed in tcp6,
+    // with v4-mapped addresses.
+    let mapped = |addr: SocketAddr| match addr {
+        SocketAddr::V4(v4) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+        v6 => v6,
     };
+    let mut tables = vec![("/proc/net/tcp6", mapped(server), mapped(client))];
+    if server.is_ipv4() {
+        tables.insert(0, ("/proc/net/tcp", server, client));
+    }
+    tables
+        .into_iter()
+        .find_map(|(table, server, client)| find_inode(table, server, client))
+}
+
+fn find_inode(table: &str, server: SocketAddr, client: SocketAddr) -> Option<u64> {
     let text = std::fs::read_to_string(table).ok()?;
     let (local, remote) = (hex_addr(server), hex_addr(client));
     text.lines().skip(1).find_map(|line| {
@@ -39,6 +51,25 @@ pub(crate) fn group_holds(pgid: u32, inode: u64) -> bool {
         .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
         .filter(|&pid| process_group(pid) == Some(pgid))
         .any(|pid| holds(pid, &target))
+}
+
+/// Whether a process of the group `pgid` is alive (not a zombie).
+pub(crate) fn group_has_live_member(pgid: u32) -> bool {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    procs
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let after = stat[stat.rfind(')')? + 1..].to_owned();
+            let mut fields = after.split_whitespace();
+            let state = fields.next()?.to_owned();
+            let group: u32 = fields.nth(1)?.parse().ok()?;
+            Some((state, group))
+        })
+        .any(|(state, group)| group == pgid && state != "Z" && state != "X")
 }
 
 /// The process group of `pid`, from `/proc/PID/stat` (after the command,
@@ -76,6 +107,24 @@ fn hex_addr(addr: SocketAddr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_an_ipv4_connection_to_a_dual_stack_socket() {
+        let Ok(listener) = std::net::TcpListener::bind("[::]:0") else {
+            eprintln!("SKIPPED: no IPv6 on this machine");
+            return;
+        };
+        let port = listener.local_addr().unwrap().port();
+        let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let Ok(client) = std::net::TcpStream::connect(server) else {
+            eprintln!("SKIPPED: [::] is v6-only here (net.ipv6.bindv6only)");
+            return;
+        };
+        let (accepted, _) = listener.accept().unwrap();
+        let inode = accepted_inode(server, client.local_addr().unwrap());
+        assert!(inode.is_some(), "found in /proc/net/tcp6 as v4-mapped");
+        drop(accepted);
+    }
 
     #[test]
     fn finds_the_process_that_accepted_a_connection() {

@@ -53,10 +53,20 @@ impl Child {
         }
     }
 
-    /// Kills the child's process group: it and whatever it started. Only
-    /// while it is in the table (not reaped), so the group ID is still its.
+    /// Kills the child (through its pidfd, even if it left its group) and
+    /// its process group: it and whatever it started. Only while it is in
+    /// the table (not reaped), so the group ID is still its.
     pub fn kill_group(&self) {
+        self.signal(Signal::SIGKILL);
         let _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+    }
+
+    /// Sends `signal` to the child's whole process group (a server behind
+    /// a shell script without `exec`, and its workers), and to the child
+    /// itself in case it left the group.
+    pub fn signal_group(&self, signal: Signal) {
+        self.signal(signal);
+        let _ = killpg(Pid::from_raw(self.pid as i32), signal);
     }
 
     /// The state as the control protocol reports it.

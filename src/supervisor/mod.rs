@@ -44,8 +44,10 @@ use restarts::{Next, Restarts};
 /// the serving child's, or an error if it gave up (the start limit) or could
 /// not start at all.
 ///
-/// `handoff` reads the environment (e.g. systemd's sockets); call this
-/// inside a tokio runtime.
+/// `handoff` reads the environment (e.g. systemd's sockets). Call this on a
+/// current-thread tokio runtime (as the `handoff` command does): children
+/// are forked from that one thread, which their parent-death signal is tied
+/// to, and the reaper must not run between a fork and its pidfd.
 pub async fn run(handoff: Handoff, config: Config) -> Result<i32, String> {
     let cwd =
         std::env::current_dir().map_err(|e| format!("cannot read the working directory: {e}"))?;
@@ -91,6 +93,7 @@ pub async fn run(handoff: Handoff, config: Config) -> Result<i32, String> {
         serving_exit: None,
         told_ready: false,
         queued_upgrade: None,
+        remnants: Vec::new(),
         verdicts,
     };
     let result = main.run(incoming, reaped, verdicts_rx).await;
@@ -151,6 +154,10 @@ struct Loop {
     serving_exit: Option<i32>,
     /// Whether `Handoff::ready` was called (once a first child served).
     told_ready: bool,
+    /// Process groups whose leader (a child) was reaped while other members
+    /// lived on (a server behind a shell script without `exec`, workers):
+    /// killed at their deadline, waited for before the supervisor exits.
+    remnants: Vec<(u32, Instant)>,
     /// An upgrade asked for while the first child got ready, with who
     /// waits for its outcome; it starts once that child is ready or failed.
     queued_upgrade: Option<Vec<oneshot::Sender<Response>>>,
@@ -166,7 +173,9 @@ fn watchdog_interval() -> Option<std::time::Duration> {
             return None;
         }
     }
-    (usec > 0).then(|| std::time::Duration::from_micros(usec / 2))
+    (usec > 0).then(|| {
+        std::time::Duration::from_micros(usec / 2).max(std::time::Duration::from_millis(1))
+    })
 }
 
 /// The next tick of `interval`, or never.
@@ -211,7 +220,7 @@ impl Loop {
         }
         self.start_candidate(false, Vec::new());
         loop {
-            if self.stopping.is_some() && self.children.is_empty() {
+            if self.stopping.is_some() && self.children.is_empty() && self.remnants.is_empty() {
                 break;
             }
             let stop_deadline = self.stopping.as_ref().map(|s| s.deadline);
@@ -222,6 +231,9 @@ impl Loop {
                 .map(|at| at + self.config.min_uptime);
             let kill_deadline = self.children.next_deadline();
             tokio::select! {
+                // Exits first: a child that died is never promoted on a
+                // verdict or a timer that raced its exit.
+                biased;
                 Some(reaped) = reaped.recv() => self.on_reaped(reaped.pid, reaped.code),
                 Some(verdict) = verdicts.recv() => self.on_verdict(verdict),
                 () = inbox.status_changed.notified() => {
@@ -245,10 +257,16 @@ impl Loop {
                     self.start_candidate(false, Vec::new());
                 }
                 () = until(kill_deadline) => self.kill_overdue(),
+                // No event tells when a group's last member is gone (they
+                // are not our children): look every 100 ms while any is left.
+                () = tokio::time::sleep(std::time::Duration::from_millis(100)), if !self.remnants.is_empty() => {
+                    self.check_remnants();
+                }
                 _ = tick(&mut watchdog) => {
-                    // Alive, and a child serves: a crash loop lets systemd's
-                    // watchdog (and Restart=) act.
-                    if self.serving.is_some() {
+                    // The loop is alive: a restart that takes longer than
+                    // the watchdog interval is no reason to be killed; the
+                    // start limit ends a crash loop.
+                    if self.stopping.is_none() {
                         self.handoff.notify("WATCHDOG=1");
                     }
                 }
@@ -260,6 +278,10 @@ impl Loop {
                 () = until(stop_deadline) => {
                     tracing::warn!("drain timeout: killing what is left");
                     self.kill_all();
+                    // Again in a second if something survives it.
+                    if let Some(stopping) = &mut self.stopping {
+                        stopping.deadline = Instant::now() + std::time::Duration::from_secs(1);
+                    }
                 }
             }
         }
@@ -465,6 +487,27 @@ impl Loop {
             return;
         };
         self.inbox.forget(pid);
+        if group_alive(pid) {
+            // Its group lives on without it. A retiring child's group had
+            // the stop signal and keeps the drain deadline; any other
+            // (a failed start, a crash) is killed now.
+            let deadline = match child.state {
+                State::Retiring {
+                    deadline: Some(deadline),
+                } => deadline,
+                _ if self.stopping.is_some() => self
+                    .stopping
+                    .as_ref()
+                    .map_or_else(Instant::now, |s| s.deadline),
+                _ => Instant::now(),
+            };
+            tracing::info!(
+                pgid = pid,
+                "the child exited; what it started lives on and goes at the deadline"
+            );
+            self.remnants.push((pid, deadline));
+            self.check_remnants();
+        }
         let exit = exit_text(pid, code);
         if let Some(candidate) = self.candidate.take_if(|c| c.id == child.id) {
             let why = match (&candidate.failed, candidate.ready_at) {
@@ -487,10 +530,17 @@ impl Loop {
             tracing::error!(error = %why, "the serving child died (the sockets stay open)");
             self.handoff.notify(&format!("STATUS=Restarting: {why}"));
             self.last_error = Some(why);
-            // A child getting ready (an upgrade) takes over if it can; else
-            // a restart.
-            if self.candidate.is_none() {
-                self.schedule_restart();
+            // A child getting ready (an upgrade) takes over if it can; one
+            // that is ready and proving --min-uptime takes over now (no
+            // old child serves beside it any more); else a restart.
+            match &self.candidate {
+                Some(candidate) if candidate.ready_at.is_some() => {
+                    if let Some(candidate) = self.candidate.take() {
+                        self.candidate_ready(candidate);
+                    }
+                }
+                Some(_) => {}
+                None => self.schedule_restart(),
             }
         } else {
             tracing::debug!(
@@ -528,6 +578,12 @@ impl Loop {
             return refuse(reply, "stopping");
         }
         if self.candidate.as_ref().is_some_and(|c| c.upgrade) {
+            if reply.is_none() {
+                // A SIGHUP (systemctl reload): it joins the upgrade in
+                // flight, whose outcome sends the READY=1 that ends it.
+                self.handoff
+                    .notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
+            }
             return refuse(reply, "an upgrade is already in flight");
         }
         if self.candidate.is_some() && self.last_error.is_none() {
@@ -561,7 +617,7 @@ impl Loop {
             child.state = State::Retiring {
                 deadline: Some(Instant::now() + drain_timeout),
             };
-            child.signal(stop_signal);
+            child.signal_group(stop_signal);
         }
     }
 
@@ -583,6 +639,20 @@ impl Loop {
                 }
             }
         }
+    }
+
+    /// Forgets remnant groups that are gone; kills those past their deadline.
+    fn check_remnants(&mut self) {
+        let now = Instant::now();
+        self.remnants.retain(|&(pgid, deadline)| {
+            if deadline <= now {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pgid as i32),
+                    Signal::SIGKILL,
+                );
+            }
+            group_alive(pgid)
+        });
     }
 
     /// Stops every child with the stop signal; a second stop kills them.
@@ -612,7 +682,7 @@ impl Loop {
         }
         let stop_signal = self.config.stop_signal;
         for child in self.children.iter_mut() {
-            child.signal(stop_signal);
+            child.signal_group(stop_signal);
             if child.state != State::Serving {
                 child.state = State::Retiring { deadline: None };
             }
@@ -623,6 +693,10 @@ impl Loop {
         for child in self.children.iter() {
             child.kill_group();
         }
+        for (_, deadline) in &mut self.remnants {
+            *deadline = Instant::now();
+        }
+        self.check_remnants();
     }
 
     fn forward(&self, signal: Signal) {
@@ -650,7 +724,7 @@ impl Loop {
             upgrades_done: self.upgrades_done,
             upgrades_failed: self.upgrades_failed,
             last_failure: self.last_failure.clone(),
-            restarts: self.restarts.count() as u64,
+            restarts: self.restarts.count(Instant::now()) as u64,
             last_error: self.last_error.clone(),
             next_restart_in_secs: self
                 .restart_at
@@ -660,8 +734,14 @@ impl Loop {
 
     /// `READY=1` and a status line for systemd (ends a reload, too).
     fn status_line(&self) {
+        if self.stopping.is_some() {
+            return;
+        }
+        // READY=1 only once a child served: before, systemd must go on
+        // waiting (TimeoutStartSec=), not start what depends on us.
+        let ready = if self.told_ready { "READY=1\n" } else { "" };
         self.handoff
-            .notify(&format!("READY=1\nSTATUS={}", self.status_text()));
+            .notify(&format!("{ready}STATUS={}", self.status_text()));
     }
 
     /// What `STATUS=` says: who serves, what it says itself, the last
@@ -682,6 +762,14 @@ impl Loop {
         }
         status
     }
+}
+
+/// Whether the process group `pgid` still has a live member (a zombie
+/// waiting for whoever inherited it does not count). Its ID is not reused
+/// while it has any member, so a group that is gone cannot be mistaken.
+fn group_alive(pgid: u32) -> bool {
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid as i32), None).is_ok()
+        && accepted_by::group_has_live_member(pgid)
 }
 
 /// "(pid N) exited with status C" or "(pid N) was killed by signal S".

@@ -1,5 +1,5 @@
-//! The start limit: how often a child that is not serving (a crash loop, a
-//! missing binary) is restarted before the supervisor gives up, as systemd's
+//! The start limit: how often a child is restarted (after a failed start,
+//! or after the serving child died) before the supervisor gives up, as systemd's
 //! `StartLimitBurst=`/`StartLimitIntervalSec=` do, so that a broken service
 //! fails (and `Restart=` or a person takes over) instead of retrying forever.
 
@@ -62,9 +62,12 @@ impl Restarts {
         self.streak = 0;
     }
 
-    /// Restarts counted in the current window.
-    pub fn count(&self) -> usize {
-        self.recent.len()
+    /// Restarts counted in the window that ends `now`.
+    pub fn count(&self, now: Instant) -> usize {
+        self.recent
+            .iter()
+            .filter(|&&at| now.duration_since(at) <= self.window)
+            .count()
     }
 }
 
