@@ -25,9 +25,11 @@ fn a_readiness_probe_is_never_answered_by_the_old_child() {
     let (Some(good), Some(hung)) = (uvicorn("asgi_app:app"), uvicorn("asgi_app:hung")) else {
         return;
     };
-    // The probe goes to the very socket both generations accept on.
+    // The probe goes to the very socket both generations accept on. (The
+    // timeout leaves a loaded machine time to import uvicorn and then
+    // probe until the new child accepts one of the connections.)
     let sup = Supervised::start_child(
-        &["--ready", "http=http://{addr}/", "--upgrade-timeout", "4s"],
+        &["--ready", "http=http://{addr}/", "--upgrade-timeout", "10s"],
         &[],
         Some(&|_| good.clone()),
     );
@@ -51,7 +53,7 @@ fn a_readiness_probe_is_never_answered_by_the_old_child() {
         "the upgrade failed\n{}",
         sup.log()
     );
-    assert!(error.contains("was not ready within 4s"), "{error}");
+    assert!(error.contains("was not ready within 10s"), "{error}");
     assert_eq!(
         get(sup.addr, "/").expect("GET /").pid(),
         Some(old),
