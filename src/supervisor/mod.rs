@@ -234,7 +234,11 @@ impl Loop {
                 // Exits first: a child that died is never promoted on a
                 // verdict or a timer that raced its exit.
                 biased;
-                Some(reaped) = reaped.recv() => self.on_reaped(reaped.pid, reaped.code),
+                Some(reaped) = reaped.recv() => {
+                    self.on_reaped(reaped.pid, reaped.code);
+                    // Out of the table now: the zombie may go.
+                    let _ = reaped.forgotten.send(());
+                }
                 Some(verdict) = verdicts.recv() => self.on_verdict(verdict),
                 () = inbox.status_changed.notified() => {
                     // The serving child's own STATUS=, relayed (STATUS= alone:

@@ -1,16 +1,19 @@
-//! Central reaping: on `SIGCHLD`, every exited child is collected with
-//! `waitpid(-1)` (as PID 1 that includes orphans) and reported to the main
-//! loop, in the order they were reaped.
+//! Central reaping: on `SIGCHLD`, every exited child is reported to the main
+//! loop (as PID 1 that includes orphans), in order. A child is first only
+//! looked at (`waitid` with `WNOWAIT`: it stays a zombie, so its PID and
+//! process group ID cannot be reused), and reaped once the loop has taken it
+//! out of its table: nothing the loop signals by PID can be a recycled one.
 
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::Pid;
+use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
-/// A process that was reaped, with its shell-style exit code (128+signal).
+/// A process that exited, with its shell-style exit code (128+signal).
+/// Dropping `forgotten` (or sending on it) lets the reaper reap it.
 pub(super) struct Reaped {
     pub pid: u32,
     pub code: i32,
+    pub forgotten: oneshot::Sender<()>,
 }
 
 /// Starts the reaper; its reports arrive on the returned channel.
@@ -20,7 +23,7 @@ pub(super) fn start() -> std::io::Result<mpsc::UnboundedReceiver<Reaped>> {
     tokio::spawn(async move {
         // Also once at start: a child may have exited before the handler existed.
         loop {
-            if !reap_all(&tx) {
+            if !reap_all(&tx).await {
                 return;
             }
             if chld.recv().await.is_none() {
@@ -31,23 +34,27 @@ pub(super) fn start() -> std::io::Result<mpsc::UnboundedReceiver<Reaped>> {
     Ok(rx)
 }
 
-/// Reaps what has exited; false once nobody listens any more.
-fn reap_all(tx: &mpsc::UnboundedSender<Reaped>) -> bool {
+/// Reports and reaps what has exited; false once nobody listens any more.
+async fn reap_all(tx: &mpsc::UnboundedSender<Reaped>) -> bool {
     loop {
-        let (pid, code) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+        let (pid, code) = match waitid(Id::All, flags) {
             Ok(WaitStatus::Exited(pid, code)) => (pid, code),
             Ok(WaitStatus::Signaled(pid, signal, _)) => (pid, 128 + signal as i32),
             Ok(WaitStatus::StillAlive) | Err(_) => return true,
             Ok(_) => continue,
         };
-        if tx
-            .send(Reaped {
-                pid: pid.as_raw() as u32,
-                code,
-            })
-            .is_err()
-        {
+        let (forgotten, wait) = oneshot::channel();
+        let report = Reaped {
+            pid: pid.as_raw() as u32,
+            code,
+            forgotten,
+        };
+        if tx.send(report).is_err() {
             return false;
         }
+        // The loop took it out of its table (or the loop is gone): reap it.
+        let _ = wait.await;
+        while let Err(nix::errno::Errno::EINTR) = waitpid(pid, Some(WaitPidFlag::WNOHANG)) {}
     }
 }
