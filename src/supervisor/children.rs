@@ -62,11 +62,14 @@ impl Child {
     }
 
     /// Sends `signal` to the child's whole process group (a server behind
-    /// a shell script without `exec`, and its workers), and to the child
-    /// itself in case it left the group.
+    /// a shell script without `exec`, and its workers); to the child alone
+    /// (its pidfd) if that group is gone (it joined another). Once only: a
+    /// second stop signal means "stop now" to many servers, the library's
+    /// among them.
     pub fn signal_group(&self, signal: Signal) {
-        self.signal(signal);
-        let _ = killpg(Pid::from_raw(self.pid as i32), signal);
+        if killpg(Pid::from_raw(self.pid as i32), signal).is_err() {
+            self.signal(signal);
+        }
     }
 
     /// The state as the control protocol reports it.
