@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
-use handoff::{Handoff, Outcome, Serve, ServeEvent, Shutdown, Workers};
+use handoff::{Handoff, Outcome, Serve, Shutdown, Workers};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
@@ -146,19 +146,11 @@ async fn run(handoff: Handoff, args: Args) -> Result<ExitCode, Box<dyn std::erro
         let path = args.store.clone();
         move || async move { flush(&path, &store, &jobs).await.map_err(|e| e.to_string()) }
     });
+    let drain = handoff::Drain::new();
     let report = Serve::new(&handoff)
+        .drain(drain.clone())
         .drain_timeout(args.stage_timeout)
-        .on_event(move |event| match event {
-            ServeEvent::StoppedAccepting {
-                reason,
-                connections,
-            } => say(format_args!(
-                "stopping pid={pid} generation={generation} reason={:?} connections={connections}",
-                reason.to_string()
-            )),
-            ServeEvent::Resumed => say(format_args!("resumed pid={pid} generation={generation}")),
-            ServeEvent::LameDuck { .. } => {}
-        })
+        .on_event(support::event_lines(pid, generation, drain))
         .then(shutdown)
         .http(listener, service)
         .await?;

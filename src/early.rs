@@ -15,6 +15,7 @@
 //! [`Builder::build`]: crate::Builder::build
 
 use std::ffi::OsString;
+use std::os::fd::RawFd;
 use std::sync::OnceLock;
 
 use crate::env::{CONSUMED, HANDOFF_CHANNEL_FD, LISTEN_FDS, LISTEN_FDS_START, LISTEN_PID};
@@ -78,23 +79,6 @@ fn mark_inherited_cloexec(values: &Snapshot) {
         return;
     }
     let channel = u32::from(get(HANDOFF_CHANNEL_FD).is_some());
-    let first = LISTEN_FDS_START as u32;
-    let last = first + count + channel - 1;
-    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets FD_CLOEXEC on
-    // the fds in the range; fds that are not open are skipped by the kernel.
-    let marked = unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            first as libc::c_uint,
-            last as libc::c_uint,
-            libc::CLOSE_RANGE_CLOEXEC,
-        )
-    } == 0;
-    if !marked {
-        // Kernels before 5.11: one call per fd.
-        for fd in first..=last {
-            // SAFETY: F_SETFD only sets the fd's flags; EBADF if not open.
-            unsafe { libc::fcntl(fd as libc::c_int, libc::F_SETFD, libc::FD_CLOEXEC) };
-        }
-    }
+    let last = LISTEN_FDS_START + (count + channel) as RawFd - 1;
+    crate::env::mark_cloexec(LISTEN_FDS_START, last);
 }

@@ -443,6 +443,28 @@ fn claim_channel(fd: RawFd) -> Result<OwnedFd, EnvError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Marks the fds `first..=last` close-on-exec: one `close_range` call, or
+/// (kernels before 5.11) one `fcntl` per fd. Fds in the range that are not
+/// open are skipped.
+pub(crate) fn mark_cloexec(first: RawFd, last: RawFd) {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets FD_CLOEXEC on
+    // the fds in the range, which the caller says are ours.
+    let marked = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            last as libc::c_uint,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    } == 0;
+    if !marked {
+        for fd in first..=last {
+            // SAFETY: F_SETFD only sets the fd's flags; EBADF if not open.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+    }
+}
+
 /// Checks every announced fd is open, marks it close-on-exec and takes it over.
 /// Two system calls however many fds there are (a server may inherit
 /// thousands): one `poll` reports fds that are not open (`POLLNVAL`), one
@@ -478,23 +500,8 @@ fn claim_fds(env: &StartEnv) -> Result<Vec<InheritedFd>, EnvError> {
             fd: closed.fd,
         });
     }
-    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets FD_CLOEXEC on the
-    // range, which holds exactly the fds announced to us (fds are 3, 4, …).
-    let marked = unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            first as libc::c_uint,
-            last as libc::c_uint,
-            libc::CLOSE_RANGE_CLOEXEC,
-        )
-    } == 0;
-    if !marked {
-        // Kernels before 5.11: one call per fd.
-        for &(fd, _) in &env.fds {
-            // SAFETY: F_SETFD only sets the flags of an fd seen open above.
-            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-        }
-    }
+    // The range holds exactly the fds announced to us (fds are 3, 4, …).
+    mark_cloexec(first, last);
     Ok(env
         .fds
         .iter()

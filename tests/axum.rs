@@ -1,12 +1,12 @@
 //! The `axum_server` example (an axum `Router` on `handoff::Serve::axum`,
 //! HTTP/1.1 and HTTP/2 on one port) under real load on 127.0.0.1: upgrades
 //! with GETs and POSTs over HTTP/1.1 and HTTP/2, a half-sent request that
-//! must not hold the old generation past its drain deadline, and the
-//! hygiene of its subprocesses.
+//! must not hold the old generation past its drain deadline. (The hygiene
+//! of its subprocesses is in tests/hygiene.rs.)
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -59,16 +59,7 @@ fn http1_gets_and_posts_through_20_upgrades_lose_nothing() {
     assert_eq!(stats.retries, 0, "keep-alive requests retried");
     assert!(stats.ok > 2000, "the load ran: {} requests", stats.ok);
     assert!(stats.posts > 1000, "the POSTs ran: {}", stats.posts);
-    assert_eq!(
-        server.processes(),
-        vec![*pids.last().unwrap()],
-        "exactly one process serves at the end"
-    );
-    let expected: BTreeSet<u32> = pids.iter().copied().collect();
-    assert!(
-        stats.pids.is_subset(&expected),
-        "only our generations answered"
-    );
+    server.assert_generations(&pids, &stats.pids);
     assert!(
         stats.pids.len() > 10,
         "the load reached most generations: {:?}",
@@ -153,16 +144,7 @@ fn http2_streams_through_20_upgrades_lose_nothing() {
         "clients reconnected after the GOAWAYs: {} connections",
         stats.connections
     );
-    assert_eq!(
-        server.processes(),
-        vec![*pids.last().unwrap()],
-        "exactly one process serves at the end"
-    );
-    let expected: BTreeSet<u32> = pids.iter().copied().collect();
-    assert!(
-        stats.pids.is_subset(&expected),
-        "only our generations answered"
-    );
+    server.assert_generations(&pids, &stats.pids);
     assert!(
         stats.pids.len() > 10,
         "the load reached most generations: {:?}",
@@ -311,44 +293,6 @@ fn a_half_sent_request_does_not_hold_the_old_generation_past_its_drain_deadline(
     assert_eq!((response.status, response.pid()), (200, Some(new)));
     assert_eq!(server.processes(), vec![new]);
 }
-
-/// `axum_server` builds its `Handoff` inside `#[tokio::main]`, after the
-/// runtime's threads started: the environment was scrubbed before `main`
-/// (src/early.rs), so a subprocess of a successor inherits neither a socket
-/// nor a handoff variable.
-#[test]
-fn a_subprocess_of_axum_server_inherits_no_socket_and_no_variable() {
-    let server = Server::start(EXAMPLE);
-    // A successor, started with LISTEN_* and HANDOFF_* in its environment.
-    let serving = server.upgrade_ok();
-    let response = get(server.addr(), "/subprocess").expect("GET /subprocess");
-    assert_eq!(response.status, 200, "{}", response.body);
-    assert_eq!(get(server.addr(), "/").unwrap().pid(), Some(serving));
-    let body = response.body;
-    assert!(body.contains(" 0 -> "), "the listing ran: {body}");
-    assert!(
-        body.lines().any(|l| l.starts_with("TEST_SERVER_TAG=")),
-        "the environment listing ran: {body}"
-    );
-    let mut fds = 0;
-    for line in body.lines() {
-        if line.contains(" -> ") {
-            fds += 1;
-        }
-        assert!(
-            !line.contains("socket:"),
-            "a socket leaked into the subprocess: {line}"
-        );
-        for prefix in ["LISTEN_", "HANDOFF_", "NOTIFY_SOCKET="] {
-            assert!(
-                !line.starts_with(prefix),
-                "a handoff variable leaked into the subprocess: {line}"
-            );
-        }
-    }
-    println!("axum subprocess: {fds} fds listed, none a socket; no LISTEN_/HANDOFF_ variable");
-}
-
 /// A closed-loop HTTP/2 load on hyper's client, with prior knowledge.
 ///
 /// Each connection runs on its own current-thread runtime. On a multi-thread

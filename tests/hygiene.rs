@@ -44,17 +44,24 @@ fn no_fd_accumulates_over_50_upgrades() {
     assert_eq!(server.processes(), vec![serving]);
 }
 
-#[test]
-fn a_subprocess_of_the_application_inherits_no_socket_and_no_variable() {
-    let server = Server::start("http_server");
-    // A successor, started with LISTEN_* and HANDOFF_* in its environment.
+/// `GET /subprocess` after an upgrade (a successor, started with `LISTEN_*`
+/// and `HANDOFF_*` in its environment): the listing shows no socket and no
+/// handoff variable.
+fn a_subprocess_inherits_nothing(example: &str) {
+    let server = Server::start(example);
     let serving = server.upgrade_ok();
     let response = get(server.addr(), "/subprocess").expect("GET /subprocess");
-    assert_eq!(response.status, 200);
+    assert_eq!(response.status, 200, "{}", response.body);
     assert_eq!(get(server.addr(), "/").unwrap().pid(), Some(serving));
     let body = response.body;
     assert!(body.contains(" 0 -> "), "the listing ran: {body}");
+    assert!(
+        body.lines().any(|l| l.starts_with("TEST_SERVER_TAG=")),
+        "the environment listing ran: {body}"
+    );
+    let mut fds = 0;
     for line in body.lines() {
+        fds += usize::from(line.contains(" -> "));
         assert!(
             !line.contains("socket:"),
             "a socket leaked into the subprocess: {line}"
@@ -66,4 +73,17 @@ fn a_subprocess_of_the_application_inherits_no_socket_and_no_variable() {
             );
         }
     }
+    println!("{example} subprocess: {fds} fds listed, none a socket; no handoff variable");
+}
+
+#[test]
+fn a_subprocess_of_the_application_inherits_no_socket_and_no_variable() {
+    a_subprocess_inherits_nothing("http_server");
+}
+
+/// `axum_server` builds its `Handoff` inside `#[tokio::main]`: the
+/// environment was scrubbed before `main` all the same.
+#[test]
+fn a_subprocess_of_a_tokio_main_server_inherits_no_socket_and_no_variable() {
+    a_subprocess_inherits_nothing("axum_server");
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::http::get;
 use common::supervised::{handoff, python_server, text, write_launcher, Supervised};
-use common::{signal, wait_exit, DEADLINE};
+use common::{signal, wait_exit, KillOnDrop, DEADLINE};
 
 /// `handoff status --json`, parsed, and how long the answer took.
 fn status(sup: &Supervised) -> (serde_json::Value, Duration) {
@@ -226,16 +226,6 @@ fn the_serving_child_killed_mid_upgrade_leaves_no_generation_behind() {
     );
 }
 
-/// A `handoff run` started by hand, killed and reaped when dropped.
-struct Extra(std::process::Child);
-
-impl Drop for Extra {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn a_killed_supervisor_leaves_no_orphan_and_a_new_one_takes_the_port() {
     let sup = Supervised::start(&[], &[]);
@@ -259,7 +249,7 @@ fn a_killed_supervisor_leaves_no_orphan_and_a_new_one_takes_the_port() {
     let listen = format!("http0=tcp://{}", sup.addr);
     let launcher = sup.launcher.to_string_lossy().into_owned();
     let log = std::fs::File::create(sup.dir.path().join("second.log")).expect("log");
-    let second = Extra(
+    let second = KillOnDrop(
         std::process::Command::new(env!("CARGO_BIN_EXE_handoff"))
             .args([
                 "run",
@@ -321,11 +311,10 @@ fn a_stop_that_went_as_asked_is_exit_0_even_when_the_child_dies_of_the_signal() 
 /// gunicorn (no `--preload`) under `handoff run --min-uptime 3s`, serving
 /// `app` from tests/servers.
 fn gunicorn(app: &str) -> Option<String> {
-    let python = common::peers::python_with("gunicorn")?;
-    let servers = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/servers");
+    let gunicorn = common::peers::exec_module("gunicorn")?;
+    let servers = common::peers::SERVERS;
     Some(format!(
-        "exec {} -m gunicorn --chdir {servers} --workers 2 --graceful-timeout 5 {app}",
-        python.display()
+        "{gunicorn} --chdir {servers} --workers 2 --graceful-timeout 5 {app}"
     ))
 }
 

@@ -7,16 +7,15 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::http::get;
-use common::peers::python_with;
+use common::peers::{exec_module, SERVERS};
 use common::supervised::{text, write_launcher, Supervised};
 use common::DEADLINE;
 
 fn uvicorn(app: &str) -> Option<String> {
-    let python = python_with("uvicorn")?;
-    let servers = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/servers");
+    let uvicorn = exec_module("uvicorn")?;
+    let servers = SERVERS;
     Some(format!(
-        "exec {} -m uvicorn --fd 3 --app-dir {servers} --no-access-log {app}",
-        python.display()
+        "{uvicorn} --fd 3 --app-dir {servers} --no-access-log {app}"
     ))
 }
 

@@ -230,28 +230,11 @@ where
     handoff.ready()?;
     say(format_args!("ready pid={pid} generation={generation}"));
     crash_if_asked();
-    let observed = drain.clone();
     let lifecycle = Serve::new(handoff)
-        .drain(drain)
+        .drain(drain.clone())
         .drain_timeout(flags.drain_timeout)
         .drain_delay(flags.drain_delay)
-        .on_event(move |event| match event {
-            ServeEvent::LameDuck { delay } => say(format_args!(
-                "lame-duck pid={pid} delay_ms={}",
-                delay.as_millis()
-            )),
-            ServeEvent::StoppedAccepting {
-                reason,
-                connections,
-            } => say(format_args!(
-                "stopping pid={pid} generation={generation} reason={:?} connections={connections}",
-                reason.to_string()
-            )),
-            ServeEvent::Resumed => say(format_args!(
-                "resumed pid={pid} generation={generation} connections={}",
-                observed.active()
-            )),
-        });
+        .on_event(event_lines(pid, generation, drain));
     let report = serve(handoff, lifecycle, listeners).await?;
     reporter.finish().await;
     say(format_args!(
@@ -260,6 +243,28 @@ where
         report.drain.waited.as_millis()
     ));
     Ok(ExitCode::from(report.exit_code() as u8))
+}
+
+/// Prints a line for each `ServeEvent` (`lame-duck`, `stopping`, `resumed`),
+/// with `drain`'s open connections.
+pub fn event_lines(pid: u32, generation: u64, drain: Drain) -> impl Fn(&ServeEvent) + Send + Sync {
+    move |event| match event {
+        ServeEvent::LameDuck { delay } => say(format_args!(
+            "lame-duck pid={pid} delay_ms={}",
+            delay.as_millis()
+        )),
+        ServeEvent::StoppedAccepting {
+            reason,
+            connections,
+        } => say(format_args!(
+            "stopping pid={pid} generation={generation} reason={:?} connections={connections}",
+            reason.to_string()
+        )),
+        ServeEvent::Resumed => say(format_args!(
+            "resumed pid={pid} generation={generation} connections={}",
+            drain.active()
+        )),
+    }
 }
 
 /// Prints a line for every upgrade event of this process, until [`finish`](Reporter::finish).

@@ -318,6 +318,21 @@ impl Server {
         new
     }
 
+    /// After a run of upgrades through `pids` (oldest first): exactly the
+    /// last one is left, and only these generations answered.
+    pub fn assert_generations(&self, pids: &[u32], answered: &std::collections::BTreeSet<u32>) {
+        assert_eq!(
+            self.processes(),
+            vec![*pids.last().expect("at least one generation")],
+            "exactly one process serves at the end"
+        );
+        let ours: std::collections::BTreeSet<u32> = pids.iter().copied().collect();
+        assert!(
+            answered.is_subset(&ours),
+            "only our generations answered: {answered:?} of {ours:?}"
+        );
+    }
+
     /// Every live process of this server (all generations and anything they started).
     pub fn processes(&self) -> Vec<u32> {
         tagged_processes(&self.tag)

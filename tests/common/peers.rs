@@ -32,3 +32,13 @@ pub fn python_with(module: &str) -> Option<PathBuf> {
     eprintln!("SKIPPED: {how}");
     None
 }
+
+/// Where the test servers and apps live (`tests/servers`).
+pub const SERVERS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/servers");
+
+/// `exec PYTHON -m MODULE`, the start of a launcher line that runs a PyPI
+/// server (gunicorn, uvicorn) from the venv, if it is installed.
+pub fn exec_module(module: &str) -> Option<String> {
+    let python = python_with(module)?;
+    Some(format!("exec {} -m {module}", python.display()))
+}

@@ -218,3 +218,13 @@ pub(crate) fn kill_tagged(tag: &str) {
         }
     }
 }
+
+/// A process a test started itself, killed and reaped however the test ends.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
