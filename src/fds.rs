@@ -10,6 +10,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use crate::env::{name_problem, InheritedFd};
 use crate::error::Error;
+use crate::escape::Escaped;
 use crate::socket::{inspect, same_place, BoundPath, FdInfo, FdKind, LocalAddr};
 
 /// A request for a named fd: which kind, and where it must be bound.
@@ -69,14 +70,24 @@ pub(crate) struct Registry {
     /// Slot indexes by inherited name (systemd may repeat a name).
     by_name: HashMap<String, Vec<usize>>,
     entries: Vec<Entry>,
-    names: HashSet<String>,
+    /// Each claimed name with the address it was asked for (`Unnamed` for
+    /// other fds): a name may be claimed again for another address.
+    claims: HashSet<(String, LocalAddr)>,
+    /// The inherited names are the service manager's, not a predecessor's.
+    names_are_the_managers: bool,
 }
 
 /// The name systemd gives fds whose socket unit sets no `FileDescriptorName=`.
 const UNKNOWN: &str = "unknown";
 
 impl Registry {
-    pub(crate) fn new(inherited: Vec<InheritedFd>) -> Self {
+    /// The registry of a process that inherited `inherited`. `from_manager`:
+    /// they come from the service manager (socket activation), whose names
+    /// are the socket unit's (`FileDescriptorName=`, or the unit's own name
+    /// when it sets none), not the application's: a name no inherited fd
+    /// carries then falls back to the fd bound at the wanted address. A
+    /// predecessor's names are the application's own, and authoritative.
+    pub(crate) fn new(inherited: Vec<InheritedFd>, from_manager: bool) -> Self {
         let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
         for (index, fd) in inherited.iter().enumerate() {
             if let Some(name) = &fd.name {
@@ -95,7 +106,8 @@ impl Registry {
                 .collect(),
             by_name,
             entries: Vec::new(),
-            names: HashSet::new(),
+            claims: HashSet::new(),
+            names_are_the_managers: from_manager,
         }
     }
 
@@ -114,7 +126,8 @@ impl Registry {
                 reason,
             });
         }
-        if self.names.contains(name) {
+        let claim = (name.to_owned(), wanted.addr.clone());
+        if self.claims.contains(&claim) || self.has_claimed(name, wanted) {
             return Err(Error::NameInUse {
                 name: name.to_owned(),
             });
@@ -150,7 +163,7 @@ impl Registry {
         let copy = fd
             .try_clone()
             .map_err(|e| Error::io(format!("cannot duplicate fd {name:?}"), e))?;
-        self.names.insert(name.to_owned());
+        self.claims.insert(claim);
         self.entries.push(Entry {
             name: name.to_owned(),
             fd: Some(fd),
@@ -161,9 +174,18 @@ impl Registry {
         Ok(Claimed { fd: copy, addr })
     }
 
+    /// Whether `name` was claimed already for what `wanted` asks: any fd
+    /// of that name for an fd that is not a socket, else one at that address.
+    fn has_claimed(&self, name: &str, wanted: &Wanted) -> bool {
+        self.entries.iter().any(|e| {
+            e.name == name && (wanted.kind == FdKind::Other || same_place(&e.addr, &wanted.addr))
+        })
+    }
+
     /// Finds the inherited fd for `name`: by name first (several fds may share
-    /// a name under systemd, then by address among them), else an unnamed one
-    /// bound to the wanted address. Checks its kind and address.
+    /// a name, then by address among them); else one bound to the wanted
+    /// address that is unnamed or, from the service manager, named anything.
+    /// Checks its kind and address.
     fn find_inherited(&self, name: &str, wanted: &Wanted) -> Result<Option<usize>, Error> {
         let mut first_error = None;
         for &index in self
@@ -182,20 +204,34 @@ impl Registry {
                 }
             }
         }
+        if wanted.kind == FdKind::Other {
+            return first_error.map_or(Ok(None), Err);
+        }
+        let at_address = self.slots.iter().position(|slot| {
+            slot.as_ref().is_some_and(|slot| {
+                (slot.is_unnamed() || (self.names_are_the_managers && first_error.is_none()))
+                    && slot.info().is_some_and(|info| {
+                        info.kind == Some(wanted.kind) && same_place(&info.addr, &wanted.addr)
+                    })
+            })
+        });
         if let Some(error) = first_error {
             return Err(error);
         }
-        if wanted.kind == FdKind::Other {
-            return Ok(None);
+        if let Some(index) = at_address {
+            let slot = self.slots[index]
+                .as_ref()
+                .expect("position found it occupied");
+            if !slot.is_unnamed() {
+                tracing::info!(
+                    listener = name,
+                    addr = %wanted.addr,
+                    inherited_as = %Escaped(slot.inherited.name.as_deref().unwrap_or_default()),
+                    "no socket from the service manager is named this; using the one it passed at this address"
+                );
+            }
         }
-        Ok(self.slots.iter().position(|slot| {
-            slot.as_ref().is_some_and(|slot| {
-                slot.is_unnamed()
-                    && slot.info().is_some_and(|info| {
-                        info.kind == Some(wanted.kind) && info.addr == wanted.addr
-                    })
-            })
-        }))
+        Ok(at_address)
     }
 
     /// Refuses to bind an address that an inherited or registered socket
@@ -371,9 +407,9 @@ mod tests {
 
     #[test]
     fn an_inherited_socket_is_returned_by_name_and_checked() {
-        let socket = bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let socket = bind_tcp("127.0.0.1:0".parse().unwrap(), false).unwrap();
         let addr = local(&socket);
-        let mut registry = Registry::new(vec![inherited(socket, "http")]);
+        let mut registry = Registry::new(vec![inherited(socket, "http")], false);
 
         // Same name, another address: an error, not a second socket.
         let other: SocketAddr = "127.0.0.1:1".parse().unwrap();
@@ -406,17 +442,20 @@ mod tests {
 
     #[test]
     fn unclaimed_fds_are_closed_at_ready_and_unnamed_ones_match_by_address() {
-        let kept = bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let kept = bind_udp("127.0.0.1:0".parse().unwrap(), false).unwrap();
         let addr = local(&kept);
-        let unclaimed = bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
-        let mut registry = Registry::new(vec![
-            InheritedFd {
-                fd: kept,
-                name: None,
-                path_id: None,
-            },
-            inherited(unclaimed, "old"),
-        ]);
+        let unclaimed = bind_tcp("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let mut registry = Registry::new(
+            vec![
+                InheritedFd {
+                    fd: kept,
+                    name: None,
+                    path_id: None,
+                },
+                inherited(unclaimed, "old"),
+            ],
+            false,
+        );
         let want = Wanted {
             kind: FdKind::Udp,
             addr: LocalAddr::Inet(addr),
@@ -425,6 +464,72 @@ mod tests {
         assert_eq!(local(&claimed.fd), addr);
         assert_eq!(registry.close_unclaimed(), vec!["old".to_owned()]);
         assert_eq!(registry.handoff_fds()[0].0, "dns");
+    }
+
+    #[test]
+    fn the_service_managers_names_fall_back_to_the_address() {
+        let bind = || bind_tcp("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let (a, b) = (bind(), bind());
+        let (addr_a, addr_b) = (local(&a), local(&b));
+        // A socket unit with two ListenStream= and no FileDescriptorName=:
+        // both fds are named after the unit.
+        let mut manager = Registry::new(
+            vec![inherited(a, "app.socket"), inherited(b, "app.socket")],
+            true,
+        );
+        let claimed = manager.claim("http1", &tcp(addr_b), never).unwrap();
+        assert_eq!(local(&claimed.fd), addr_b);
+        let claimed = manager.claim("http0", &tcp(addr_a), never).unwrap();
+        assert_eq!(local(&claimed.fd), addr_a);
+        let names: Vec<&str> = manager.handoff_fds().iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names,
+            ["http1", "http0"],
+            "handed on under the names asked for"
+        );
+
+        // A predecessor's names are the application's: no fallback.
+        let c = bind();
+        let addr_c = local(&c);
+        let mut successor = Registry::new(vec![inherited(c, "admin")], false);
+        let err = successor.claim("http0", &tcp(addr_c), never).unwrap_err();
+        assert!(
+            matches!(err, Error::AddressHeldByOtherName { ref other, .. } if other == "admin"),
+            "{err}"
+        );
+        // Nor when the name is carried, at another address: that is a mistake.
+        let (d, e) = (bind(), bind());
+        let addr_e = local(&e);
+        let mut named = Registry::new(vec![inherited(d, "web"), inherited(e, "other")], true);
+        let err = named.claim("web", &tcp(addr_e), never).unwrap_err();
+        assert!(matches!(err, Error::AddressMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn fds_sharing_a_name_are_claimed_by_address() {
+        let bind = || bind_tcp("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let (a, b) = (bind(), bind());
+        let (addr_a, addr_b) = (local(&a), local(&b));
+        let mut registry = Registry::new(vec![inherited(a, "web"), inherited(b, "web")], false);
+        let claimed = registry.claim("web", &tcp(addr_b), never).unwrap();
+        assert_eq!(local(&claimed.fd), addr_b);
+        let claimed = registry.claim("web", &tcp(addr_a), never).unwrap();
+        assert_eq!(local(&claimed.fd), addr_a);
+        // The same name and address twice is still a mistake.
+        let err = registry.claim("web", &tcp(addr_a), never).unwrap_err();
+        assert!(matches!(err, Error::NameInUse { .. }), "{err}");
+        // Both go on to the successor under the shared name, in order.
+        let names: Vec<&str> = registry.handoff_fds().iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["web", "web"]);
+        // Any other fd: one per name.
+        let mut other = Registry::default();
+        let any = Wanted {
+            kind: FdKind::Other,
+            addr: LocalAddr::Unnamed,
+        };
+        other.claim("log", &any, || Ok((bind(), None))).unwrap();
+        let err = other.claim("log", &any, || Ok((bind(), None))).unwrap_err();
+        assert!(matches!(err, Error::NameInUse { .. }), "{err}");
     }
 
     #[test]

@@ -16,10 +16,10 @@ use crate::channel::Channel;
 use crate::env::{self, StartMode};
 use crate::error::Error;
 use crate::fds::Registry;
+use crate::launch::Launch;
 use crate::lifecycle::{Lifecycle, Phase};
 use crate::notify::Upstream;
 use crate::pidfile::PidFile;
-use crate::spawn::resolve_program;
 use crate::upgrade::UpgradeEvent;
 
 /// The default time a successor has to become ready.
@@ -48,6 +48,7 @@ pub struct Builder {
     probation: Duration,
     kill_grace: Duration,
     command: Option<(PathBuf, Vec<OsString>)>,
+    ipv6_only: bool,
 }
 
 impl Builder {
@@ -100,6 +101,23 @@ impl Builder {
         self
     }
 
+    /// IPv6 sockets this process binds accept IPv6 only (`IPV6_V6ONLY`).
+    /// By default they are left as the system sets them, as std's are: a
+    /// listener on `[::]` is then dual-stack (IPv4 clients arrive as
+    /// `::ffff:a.b.c.d`) unless `net.ipv6.bindv6only` is 1. Inherited
+    /// sockets keep what they were bound with.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), handoff::Error> {
+    /// let handoff = handoff::Handoff::builder().ipv6_only(true).build()?;
+    /// let v6 = handoff.std_tcp_listener("http6", "[::]:8080".parse().unwrap())?;
+    /// # Ok(()) }
+    /// ```
+    pub fn ipv6_only(mut self, only: bool) -> Self {
+        self.ipv6_only = only;
+        self
+    }
+
     /// Start `program` with `args` (not including `argv[0]`) as the successor,
     /// instead of the binary and arguments this process was started with.
     pub fn command(
@@ -131,20 +149,11 @@ impl Builder {
     /// ```
     pub fn build(self) -> Result<Handoff, Error> {
         let (start, inherited, channel) = env::take_from_process().ok_or(Error::AlreadyBuilt)??;
-        let cwd = std::env::current_dir()
-            .map_err(|e| Error::io("cannot read the working directory", e))?;
-        let (program, args) = match self.command {
-            Some((program, args)) => {
-                let mut argv = vec![program.clone().into_os_string()];
-                argv.extend(args);
-                (Some(cwd.join(program)), argv)
-            }
-            None => {
-                let argv: Vec<OsString> = std::env::args_os().collect();
-                let program = argv.first().and_then(|argv0| resolve_program(argv0, &cwd));
-                (program, argv)
-            }
-        };
+        let launch = match self.command {
+            Some((program, args)) => Launch::command(program, args),
+            None => Launch::this_process(),
+        }
+        .map_err(|e| Error::io("cannot read the working directory", e))?;
         let pid = std::process::id();
         tracing::debug!(pid, generation = start.generation, mode = ?start.mode, inherited = inherited.len(), "handoff started");
         let (events, _) = broadcast::channel(64);
@@ -153,13 +162,12 @@ impl Builder {
                 mode: start.mode,
                 generation: start.generation,
                 pid,
-                program,
-                args,
-                cwd,
+                launch,
                 pid_file: self.pid_file.map(PidFile::new),
                 upgrade_timeout: self.upgrade_timeout,
                 probation: self.probation,
                 kill_grace: self.kill_grace,
+                ipv6_only: self.ipv6_only,
                 parent: Mutex::new(channel),
                 parent_channel: std::sync::OnceLock::new(),
                 upstream: Upstream::new(start.notify_upstream),
@@ -167,7 +175,10 @@ impl Builder {
                 started: std::time::Instant::now(),
                 upgrades_done: Default::default(),
                 upgrades_failed: Default::default(),
-                registry: Mutex::new(Registry::new(inherited)),
+                registry: Mutex::new(Registry::new(
+                    inherited,
+                    start.mode == StartMode::SocketActivated,
+                )),
                 life: Lifecycle::new(),
                 force: CancellationToken::new(),
                 manager_told: std::sync::atomic::AtomicBool::new(false),
@@ -233,13 +244,14 @@ pub(crate) struct Inner {
     pub mode: StartMode,
     pub generation: u64,
     pub pid: u32,
-    pub program: Option<PathBuf>,
-    pub args: Vec<OsString>,
-    pub cwd: PathBuf,
+    /// How to start the successor (resolved at each upgrade).
+    pub launch: Launch,
     pub pid_file: Option<PidFile>,
     pub upgrade_timeout: Duration,
     pub probation: Duration,
     pub kill_grace: Duration,
+    /// See [`Builder::ipv6_only`].
+    pub ipv6_only: bool,
     /// A successor's end of the readiness channel, until `ready()` takes it.
     pub parent: Mutex<Option<OwnedFd>>,
     /// The same, once `ready()` opened it (to tell the parent later that
@@ -292,6 +304,7 @@ impl Handoff {
             upgrade_timeout: DEFAULT_UPGRADE_TIMEOUT,
             probation: DEFAULT_PROBATION,
             kill_grace: DEFAULT_KILL_GRACE,
+            ipv6_only: false,
             command: None,
         }
     }

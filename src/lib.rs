@@ -19,6 +19,7 @@ mod fds;
 mod handoff;
 #[cfg(feature = "hyper")]
 pub mod http;
+mod launch;
 mod lifecycle;
 mod listen;
 mod notify;

@@ -57,6 +57,9 @@ pub(crate) struct Life {
     /// An upgrade task has not decided yet (commit or roll back), even if the
     /// process began to stop meanwhile: it must not exit before that.
     pub upgrade_in_flight: bool,
+    /// A `SIGHUP` is being passed on to the successor: the process must not
+    /// exit before it is.
+    pub passing_hangup: bool,
 }
 
 impl Life {
@@ -100,6 +103,7 @@ impl Lifecycle {
                 pending_upgrade: false,
                 probation_over: false,
                 upgrade_in_flight: false,
+                passing_hangup: false,
             }),
         }
     }
@@ -246,6 +250,28 @@ impl Lifecycle {
             _ => Err(()),
         })
         .is_ok()
+    }
+
+    /// A `SIGHUP` arrived in the probation, to pass on to the successor.
+    /// False (nothing to do) outside the probation or while one is passed on.
+    pub(crate) fn begin_passing_hangup(&self) -> bool {
+        self.apply(|life| match life.phase {
+            Phase::HandedOver { .. } if !life.passing_hangup && !life.probation_over => {
+                life.passing_hangup = true;
+                Ok(())
+            }
+            _ => Err(()),
+        })
+        .is_ok()
+    }
+
+    /// The `SIGHUP` was passed on, and with it the probation is over.
+    pub(crate) fn end_passing_hangup(&self) {
+        let _ = self.apply(|life| {
+            life.passing_hangup = false;
+            life.probation_over = true;
+            Ok::<(), ()>(())
+        });
     }
 
     /// The probation after a handover is over.

@@ -41,7 +41,9 @@ impl Handoff {
     }
 
     /// A listening TCP socket named `name` bound to `addr` (IPv4 or IPv6), as
-    /// a std listener. Port 0 accepts an inherited socket on any port.
+    /// a std listener. Port 0 accepts an inherited socket on any port. On
+    /// `[::]` it is dual-stack where the system says so, as std's are (see
+    /// [`Builder::ipv6_only`](crate::Builder::ipv6_only)).
     ///
     /// ```no_run
     /// # let handoff = handoff::Handoff::builder().build().unwrap();
@@ -54,7 +56,7 @@ impl Handoff {
         addr: SocketAddr,
     ) -> Result<std::net::TcpListener, Error> {
         let fd = self.claim_socket(name, FdKind::TcpListener, LocalAddr::Inet(addr), || {
-            bind_tcp(addr).map(|fd| (fd, None))
+            bind_tcp(addr, self.inner.ipv6_only).map(|fd| (fd, None))
         })?;
         Ok(fd.into())
     }
@@ -89,7 +91,7 @@ impl Handoff {
         addr: SocketAddr,
     ) -> Result<std::net::UdpSocket, Error> {
         let fd = self.claim_socket(name, FdKind::Udp, LocalAddr::Inet(addr), || {
-            bind_udp(addr).map(|fd| (fd, None))
+            bind_udp(addr, self.inner.ipv6_only).map(|fd| (fd, None))
         })?;
         Ok(fd.into())
     }

@@ -91,7 +91,9 @@ impl Handoff {
                     "SIGHUP kept: the upgrade runs once this process serves"
                 );
             }
-            Err(UpgradeError::AlreadyUpgraded { successor }) if self.in_probation() => {
+            Err(UpgradeError::AlreadyUpgraded { successor })
+                if self.inner.life.begin_passing_hangup() =>
+            {
                 let handoff = self.clone();
                 tokio::spawn(async move { handoff.pass_on_hangup(successor).await });
             }
@@ -110,26 +112,24 @@ impl Handoff {
         }
     }
 
-    fn in_probation(&self) -> bool {
-        matches!(
-            self.inner.life.get().phase,
-            crate::lifecycle::Phase::HandedOver { .. }
-        )
-    }
-
     /// A `SIGHUP` for a process that handed over but is still systemd's main
-    /// process (its probation runs): the request is for the service, so the
-    /// probation ends, systemd learns the successor's PID, and the successor
-    /// gets the signal (and upgrades, keeping it until it serves if need be).
+    /// process (its probation runs): the request is for the service, so
+    /// systemd learns the successor's PID (so that it accepts the
+    /// successor's `RELOADING=1`), the successor gets the signal (and
+    /// upgrades, keeping it until it serves if need be), and only then does
+    /// the probation end. [`Handoff::finish`] waits for that, so this
+    /// process does not exit before the signal is passed on, even if the
+    /// probation's timer ends meanwhile.
     async fn pass_on_hangup(&self, successor: u32) {
         let pid = self.inner.pid;
-        self.inner.life.end_probation();
-        self.inner.life.finish_handover();
         self.tell_handover(successor).await;
-        tracing::info!(pid, successor, "SIGHUP passed on to the successor");
         let target = nix::unistd::Pid::from_raw(successor as i32);
-        if let Err(error) = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGHUP) {
-            tracing::warn!(pid, successor, %error, "cannot pass SIGHUP on to the successor");
+        match nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGHUP) {
+            Ok(()) => tracing::info!(pid, successor, "SIGHUP passed on to the successor"),
+            Err(error) => {
+                tracing::warn!(pid, successor, %error, "cannot pass SIGHUP on to the successor")
+            }
         }
+        self.inner.life.end_passing_hangup();
     }
 }

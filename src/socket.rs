@@ -42,7 +42,7 @@ impl FdKind {
 }
 
 /// A socket's local address, in a form that can be compared with a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum LocalAddr {
     Inet(SocketAddr),
     Unix(PathBuf),
@@ -195,16 +195,17 @@ fn local_addr(storage: &SockaddrStorage) -> LocalAddr {
     LocalAddr::Unnamed
 }
 
-/// Binds a listening TCP socket with `SO_REUSEADDR`, `IPV6_V6ONLY` for IPv6
-/// and the largest backlog the kernel allows.
-pub(crate) fn bind_tcp(addr: SocketAddr) -> io::Result<OwnedFd> {
+/// Binds a listening TCP socket with `SO_REUSEADDR` and the largest backlog
+/// the kernel allows. An IPv6 socket is `IPV6_V6ONLY` if `v6_only`, else as
+/// the system sets it (`net.ipv6.bindv6only`), as std's are.
+pub(crate) fn bind_tcp(addr: SocketAddr, v6_only: bool) -> io::Result<OwnedFd> {
     let family = match addr {
         SocketAddr::V4(_) => AddressFamily::Inet,
         SocketAddr::V6(_) => AddressFamily::Inet6,
     };
     let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
     setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-    if addr.is_ipv6() {
+    if addr.is_ipv6() && v6_only {
         setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
     }
     bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
@@ -325,14 +326,14 @@ pub(crate) fn bind_unix(
     Ok((fd, bound))
 }
 
-/// Binds a UDP socket.
-pub(crate) fn bind_udp(addr: SocketAddr) -> io::Result<OwnedFd> {
+/// Binds a UDP socket; `v6_only` as for [`bind_tcp`].
+pub(crate) fn bind_udp(addr: SocketAddr, v6_only: bool) -> io::Result<OwnedFd> {
     let family = match addr {
         SocketAddr::V4(_) => AddressFamily::Inet,
         SocketAddr::V6(_) => AddressFamily::Inet6,
     };
     let fd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
-    if addr.is_ipv6() {
+    if addr.is_ipv6() && v6_only {
         setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
     }
     bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;

@@ -11,7 +11,7 @@ use std::ffi::{CString, OsStr, OsString};
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
@@ -475,52 +475,5 @@ pub(crate) fn exit_error(pid: u32, status: Option<WaitStatus>) -> UpgradeError {
             format!("the new process (pid {pid}) ended before it was ready"),
             io::Error::other(format!("{other:?}")),
         ),
-    }
-}
-
-/// The absolute path of the binary this process was started from: `argv[0]`
-/// made absolute against the starting directory, or looked up in `PATH`.
-/// Not `/proc/self/exe`: a deploy replaces the file at the path.
-pub(crate) fn resolve_program(argv0: &OsStr, cwd: &Path) -> Option<PathBuf> {
-    let given = Path::new(argv0);
-    if argv0.as_bytes().contains(&b'/') {
-        return Some(cwd.join(given));
-    }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| cwd.join(dir).join(given))
-        .find(|candidate| candidate.is_file())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn argv0_with_a_slash_is_made_absolute_against_the_start_directory() {
-        let cwd = Path::new("/srv/app");
-        assert_eq!(
-            resolve_program(OsStr::new("./bin/server"), cwd),
-            Some(PathBuf::from("/srv/app/./bin/server"))
-        );
-        assert_eq!(
-            resolve_program(OsStr::new("/usr/bin/server"), cwd),
-            Some(PathBuf::from("/usr/bin/server"))
-        );
-    }
-
-    #[test]
-    fn a_bare_argv0_is_looked_up_in_path() {
-        // `sh` is on PATH on any machine these tests run on; a made-up name is not.
-        let found = resolve_program(OsStr::new("sh"), Path::new("/")).expect("sh on PATH");
-        assert!(
-            found.is_absolute() && found.ends_with("sh"),
-            "{}",
-            found.display()
-        );
-        assert_eq!(
-            resolve_program(OsStr::new("no-such-binary-handoff-test"), Path::new("/")),
-            None
-        );
     }
 }

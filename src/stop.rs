@@ -120,7 +120,7 @@ impl Handoff {
         let life = inner
             .life
             .wait(|l| match l.phase {
-                Phase::HandedOver { .. } => l.probation_over,
+                Phase::HandedOver { .. } => l.probation_over && !l.passing_hangup,
                 // An upgrade cut short by a stop ends (its candidate stopped
                 // and reaped, the outcome reported) before the process exits.
                 _ => !l.upgrade_in_flight,

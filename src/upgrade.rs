@@ -246,7 +246,10 @@ fn failed(
 /// and the PID file names this process again.
 async fn attempt(handoff: &Handoff) -> Result<(Child, Channel), UpgradeError> {
     let inner = &handoff.inner;
-    let program = inner.program.clone().ok_or_else(|| {
+    // Resolved now: a deploy may have replaced the binary, or switched the
+    // symlink the start directory went through.
+    let launch = &inner.launch;
+    let program = launch.program().ok_or_else(|| {
         UpgradeError::io(
             "cannot find the binary to run",
             std::io::Error::new(
@@ -263,7 +266,8 @@ async fn attempt(handoff: &Handoff) -> Result<(Child, Channel), UpgradeError> {
     if let Some(upstream) = inner.upstream.addr() {
         env.push((HANDOFF_NOTIFY_UPSTREAM, upstream.to_string().into()));
     }
-    tracing::info!(pid = inner.pid, generation = inner.generation, program = %program.display(), "upgrade started");
+    tracing::info!(pid = inner.pid, generation = inner.generation, program = %program.display(), dir = %launch.dir.display(), "upgrade started");
+    env.push(("PWD", launch.dir.clone().into_os_string()));
     let child = {
         // Only fork and exec run under the lock: no wait ever does.
         let registry = lock(&inner.registry);
@@ -275,8 +279,8 @@ async fn attempt(handoff: &Handoff) -> Result<(Child, Channel), UpgradeError> {
         }
         spawn(&SpawnSpec {
             program: &program,
-            args: &inner.args,
-            cwd: &inner.cwd,
+            args: &launch.args,
+            cwd: &launch.dir,
             fds,
             channel: Some(std::os::fd::AsFd::as_fd(&theirs)),
             env,

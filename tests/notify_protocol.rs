@@ -335,3 +335,71 @@ fn an_unreachable_notify_socket_gives_one_warning_and_serving_goes_on() {
     );
     assert_eq!(warnings(second), 0, "the successor has not tried yet");
 }
+
+/// A second `SIGHUP` (a second `systemctl reload`) that reaches the old main
+/// process during its probation is for the service: the old process tells
+/// systemd `MAINPID=<successor>`, waits for the answer, and only then passes
+/// the signal on and exits; the successor, now the main process, upgrades
+/// and tells systemd `RELOADING=1` itself. (It used to exit as soon as it
+/// had sent `MAINPID=`, before passing the signal on: the reload was lost.)
+#[test]
+fn a_sighup_in_the_probation_is_passed_on_once_systemd_knows_the_successor() {
+    let dir = common::TempDir::new("notify-pass-on");
+    let socket_path = dir.path().join("notify.sock");
+    let manager = Manager::bind(&socket_path);
+    let mut options = Options::new("http_server")
+        .arg("--listen")
+        .arg("127.0.0.1:0");
+    options.env.push((
+        "NOTIFY_SOCKET".into(),
+        socket_path.to_string_lossy().into_owned(),
+    ));
+    let server = Server::start_with(options);
+    let first = server.first_pid;
+    let ready = manager.wait(0, "READY=1 at start", |m| m.has("READY=1"));
+    signal(first, libc::SIGHUP);
+    let committed = manager.wait(ready + 1, "READY=1 at the commit", |m| m.has("READY=1"));
+    let (_, line) = server
+        .events
+        .wait(0, DEADLINE, "the upgrade to succeed", |l| {
+            l.is("upgrade succeeded")
+        });
+    let second = line.num("successor") as u32;
+
+    // Within the probation (1 s): the second reload.
+    signal(first, libc::SIGHUP);
+    let handover = manager.wait(committed + 1, "MAINPID=", |m| m.value("MAINPID").is_some());
+    manager.with(handover, |m| {
+        assert_eq!(m.pid, first);
+        assert_eq!(m.value("MAINPID"), Some(second.to_string().as_str()));
+    });
+    let barrier = manager.wait(handover + 1, "BARRIER=1", |m| m.has("BARRIER=1"));
+    let barrier_fd = manager.with(barrier, |m| m.fds.pop().expect("BARRIER=1 carries an fd"));
+    // Until systemd answers, the old process neither passes the signal on
+    // nor exits.
+    assert!(
+        Path::new(&format!("/proc/{first}")).exists(),
+        "the old process exited before systemd confirmed MAINPID="
+    );
+    assert!(
+        !server
+            .events
+            .snapshot()
+            .iter()
+            .any(|l| l.starts_with(&format!("upgrade started pid={second} "))),
+        "the successor upgraded before systemd knew it as the main process"
+    );
+    drop(barrier_fd); // the answer
+    let reloading = manager.wait(barrier + 1, "RELOADING=1 from the successor", |m| {
+        m.has("RELOADING=1")
+    });
+    manager.with(reloading, |m| assert_eq!(m.pid, second));
+    let (_, line) = server
+        .events
+        .wait(0, DEADLINE, "the successor's own upgrade", |l| {
+            l.is("upgrade succeeded") && l.num("pid") == u64::from(second)
+        });
+    let third = line.num("successor") as u32;
+    assert_ne!(third, second);
+    assert_eq!(wait_exit(first, DEADLINE), Some(Some(0)));
+}

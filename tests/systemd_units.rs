@@ -12,178 +12,13 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::http::{get, KeepAlive};
 use common::load::Load;
+use common::systemd::{cannot_run, install_binary, render, systemd_254, Sandbox};
 use common::{example_path, free_port, TempDir, DEADLINE};
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/systemd/sandbox")
-}
-
-fn run(args: &[&str]) -> Output {
-    // Every call is bounded: a hung systemctl must not hang the suite.
-    Command::new("timeout")
-        .arg("120")
-        .arg(script())
-        .args(args)
-        .output()
-        .expect("run tests/systemd/sandbox")
-}
-
-/// Why a private systemd cannot run here, if it cannot.
-fn cannot_run() -> Option<String> {
-    let output = run(&["check"]);
-    (!output.status.success()).then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
-}
-
-/// A running private systemd; stopped (everything in it killed) on drop.
-struct Sandbox {
-    state: String,
-}
-
-impl Sandbox {
-    fn start(state: &Path, units: &Path, systemd_root: Option<&Path>) -> Sandbox {
-        let mut args = vec!["start".to_owned(), path(state), path(units)];
-        args.extend(systemd_root.map(path));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let output = run(&args);
-        let sandbox = Sandbox { state: path(state) };
-        assert!(
-            output.status.success(),
-            "sandbox start: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        sandbox
-    }
-
-    fn ctl(&self, args: &[&str]) -> Output {
-        let mut all = vec!["ctl", self.state.as_str()];
-        all.extend_from_slice(args);
-        run(&all)
-    }
-
-    fn ctl_ok(&self, args: &[&str]) -> String {
-        let output = self.ctl(args);
-        assert!(
-            output.status.success(),
-            "systemctl {args:?}: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    }
-
-    fn show(&self, unit: &str, property: &str) -> String {
-        let out = self.ctl_ok(&["show", "-p", property, "--value", unit]);
-        out.trim().to_owned()
-    }
-
-    /// Polls a unit property until `done` holds (systemd has no event to wait on from here).
-    fn wait_for(
-        &self,
-        unit: &str,
-        property: &str,
-        what: &str,
-        done: impl Fn(&str) -> bool,
-    ) -> String {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let value = self.show(unit, property);
-            if done(&value) {
-                return value;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{unit}: {property}={value:?}, waiting for {what}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(Path::new(&self.state).join("systemd.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let log = self.log();
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!(
-                "--- private systemd log ---\n{}",
-                lines[lines.len().saturating_sub(60)..].join("\n")
-            );
-            let out =
-                std::fs::read_to_string(Path::new(&self.state).join("out.log")).unwrap_or_default();
-            let lines: Vec<&str> = out.lines().collect();
-            eprintln!(
-                "--- service output ---\n{}",
-                lines[lines.len().saturating_sub(60)..].join("\n")
-            );
-        }
-        let output = run(&["stop", &self.state]);
-        if !output.status.success() {
-            eprintln!("sandbox stop: {}", String::from_utf8_lossy(&output.stderr));
-        }
-    }
-}
-
-fn path(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
-}
-
-/// Copies a unit from `systemd/`, pointed at the test's binary and port, with
-/// the service's output in the state directory.
-fn render(name: &str, units: &Path, state: &Path, addr: SocketAddr) {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("systemd")
-        .join(name);
-    let text = std::fs::read_to_string(&source).expect("read the unit");
-    let mut text: String = text
-        .replace(
-            "/usr/local/bin/http_server",
-            &path(&state.join("http_server")),
-        )
-        .replace("/usr/local/bin/handoff", &path(&state.join("handoff")))
-        .replace("127.0.0.1:8080", &addr.to_string())
-        .replace("127.0.0.1:8081", &addr.to_string())
-        // Short enough that a supervisor that stopped pinging is killed
-        // within the test.
-        .replace("WatchdogSec=10s", "WatchdogSec=2s")
-        .lines()
-        .filter(|l| *l != "[Install]" && !l.starts_with("WantedBy="))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    if name.ends_with(".service") {
-        // [Service] is the last section once [Install] is gone.
-        text.push_str(&format!(
-            "StandardOutput=append:{}\n",
-            path(&state.join("out.log"))
-        ));
-        text.push_str(&format!(
-            "StandardError=append:{}\n",
-            path(&state.join("out.log"))
-        ));
-    }
-    std::fs::write(units.join(name), text).expect("write the unit");
-}
-
-/// Copies the binaries into the state directory: inside the sandbox only it
-/// (of everything under /tmp) is visible.
-fn install_binary(state: &Path) {
-    let bin = state.join("http_server");
-    let _ = std::fs::remove_file(&bin);
-    std::fs::copy(example_path("http_server"), &bin).expect("copy http_server");
-    let handoff = state.join("handoff");
-    if !handoff.exists() {
-        std::fs::copy(env!("CARGO_BIN_EXE_handoff"), &handoff).expect("copy handoff");
-    }
-}
 
 /// Which systemd runs the units.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -231,8 +66,8 @@ fn scenario(variant: &Variant, systemd_root: Option<&Path>) {
     std::fs::create_dir_all(&state).unwrap();
     std::fs::create_dir_all(&units).unwrap();
     let addr = free_port();
-    render(variant.socket, &units, &state, addr);
-    render(variant.service, &units, &state, addr);
+    render(variant.socket, &units, &state, &[addr]);
+    render(variant.service, &units, &state, &[addr]);
     install_binary(&state);
     let sandbox = Sandbox::start(&state, &units, systemd_root);
     let version = sandbox.ctl_ok(&["--version"]);
@@ -433,22 +268,6 @@ fn take_back(sandbox: &Sandbox, service: &str, state: &Path, addr: SocketAddr, m
     install_binary(state);
 }
 
-/// systemd 254 unpacked from Debian backports into a temp dir (kept alive by
-/// the returned guard), or `None` after saying why it is skipped.
-fn systemd_254() -> Option<(TempDir, PathBuf)> {
-    let cache = TempDir::new("systemd-254");
-    let output = run(&["fetch", &path(cache.path())]);
-    if !output.status.success() {
-        eprintln!(
-            "SKIPPED: cannot fetch systemd 254 from Debian backports: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        return None;
-    }
-    let root = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
-    Some((cache, root))
-}
-
 #[test]
 fn units_under_systemd_252_notify_with_exec_reload() {
     exercise(&Variant {
@@ -499,4 +318,125 @@ fn supervisor_under_systemd_254_notify_reload() {
         supervised: true,
         reload_fails_truthfully: false,
     });
+}
+
+/// `systemd/handoff-minimal.{socket,service}`: two `ListenStream=` and no
+/// `FileDescriptorName=`, so systemd passes both fds named
+/// `handoff-minimal.socket`. The server (or the supervisor, with
+/// `supervised`) asks for `http0` and `http1` at those addresses and gets
+/// systemd's fds by address: activation from either address, then 10 reloads
+/// under load on both with no failed request and `NRestarts=0`, and each new
+/// generation answers on both.
+fn minimal_units(supervised: bool) {
+    if let Some(why) = cannot_run() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let label = if supervised {
+        "minimal-supervisor"
+    } else {
+        "minimal"
+    };
+    let dir = TempDir::new(&format!("systemd-{label}"));
+    let state = dir.path().join("state");
+    let units = dir.path().join("units");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::create_dir_all(&units).unwrap();
+    let (a, b) = (free_port(), free_port());
+    let (socket, service) = ("handoff-minimal.socket", "handoff-minimal.service");
+    render(socket, &units, &state, &[a, b]);
+    render(service, &units, &state, &[a, b]);
+    if supervised {
+        let unit = units.join(service);
+        let text = std::fs::read_to_string(&unit).unwrap();
+        let server = state.join("http_server").display().to_string();
+        let line = format!("ExecStart={server} --listen {a} --listen {b}");
+        assert!(
+            text.contains(&line),
+            "the unit's ExecStart= changed:\n{text}"
+        );
+        let supervisor = format!(
+            "ExecStart={} run --listen http0=tcp://{a} --listen http1=tcp://{b} -- {server} --listen {a} --listen {b}",
+            state.join("handoff").display()
+        );
+        std::fs::write(&unit, text.replace(&line, &supervisor)).unwrap();
+    }
+    install_binary(&state);
+    let sandbox = Sandbox::start(&state, &units, None);
+    sandbox.ctl_ok(&["start", socket]);
+    assert_eq!(sandbox.show(service, "ActiveState"), "inactive");
+
+    // The second address starts it: its fd is systemd's second, under the
+    // unit's name, and the server asked for it as "http1".
+    let first = get(b, "/").expect("the first connection starts the service");
+    let mut main = first.pid().expect("pid in the body");
+    assert_eq!(
+        get(a, "/").unwrap().pid(),
+        Some(main),
+        "both addresses served"
+    );
+    let out = std::fs::read_to_string(state.join("out.log")).unwrap_or_default();
+    let fallbacks = out
+        .lines()
+        .filter(|l| l.contains("using the one it passed at this address"))
+        .count();
+    assert!(
+        fallbacks >= 2 && out.contains("handoff-minimal.socket"),
+        "an info line per listener says which fd was taken:\n{out}"
+    );
+
+    let loads = [Load::start(a, 2, 2), Load::start(b, 2, 2)];
+    for load in &loads {
+        load.wait_for_more(50);
+    }
+    for round in 0..10 {
+        sandbox.ctl_ok(&["reload", service]);
+        let deadline = Instant::now() + DEADLINE;
+        // Each address reaches the new generation (fresh connections).
+        let new = loop {
+            let pid = get(a, "/")
+                .expect("GET / after a reload")
+                .pid()
+                .unwrap_or(0);
+            if pid != main {
+                break pid;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "reload {round}: still served by {main}"
+            );
+        };
+        while get(b, "/").expect("GET / on the second address").pid() != Some(new) {
+            assert!(
+                Instant::now() < deadline,
+                "reload {round}: the second address never reached {new}"
+            );
+        }
+        main = new;
+        assert_eq!(sandbox.show(service, "ActiveState"), "active");
+        assert_eq!(sandbox.show(service, "NRestarts"), "0");
+        for load in &loads {
+            load.wait_for_more(50);
+        }
+    }
+    for (load, addr) in loads.into_iter().zip([a, b]) {
+        let stats = load.stop();
+        println!(
+            "{label}: {addr}: {} requests ok, {} failed through 10 reloads",
+            stats.ok, stats.failed
+        );
+        assert_eq!(stats.failed, 0, "failed requests: {:?}", stats.errors);
+    }
+    sandbox.ctl_ok(&["stop", service]);
+    assert_eq!(sandbox.show(service, "Result"), "success");
+}
+
+#[test]
+fn a_socket_unit_without_file_descriptor_name() {
+    minimal_units(false);
+}
+
+#[test]
+fn a_socket_unit_without_file_descriptor_name_under_the_supervisor() {
+    minimal_units(true);
 }

@@ -48,10 +48,17 @@ enum Sub {
     /// Example: handoff run --listen web=tcp://127.0.0.1:8080 --control /run/app/control.sock -- ./server
     Run {
         /// A socket to own, as NAME=ADDR; ADDR is tcp://HOST:PORT,
-        /// udp://HOST:PORT or unix:///PATH. A socket systemd passed under
-        /// NAME is reused. Repeat for several.
+        /// udp://HOST:PORT or unix:///PATH. HOST is an IP address ([::] is
+        /// dual-stack where the system says so) or a name, resolved once at
+        /// start: the socket is bound at the first address that works, and
+        /// a line says which. A socket systemd passed under NAME is reused,
+        /// else the one it passed at ADDR. Repeat for several.
         #[arg(long = "listen", value_name = "NAME=ADDR", value_parser = Listen::parse, required = true)]
         listen: Vec<(String, Listen)>,
+        /// IPv6 sockets accept IPv6 only (IPV6_V6ONLY), so that [::]:PORT
+        /// and 0.0.0.0:PORT can be two sockets.
+        #[arg(long)]
+        ipv6_only: bool,
         /// When a new child counts as ready: notify (it sends READY=1 to
         /// NOTIFY_SOCKET), delay=DUR, or http=URL (polled until it answers 2xx).
         #[arg(long, value_name = "MODE", default_value = "notify")]
@@ -152,6 +159,7 @@ fn main() -> ExitCode {
         .init();
     if let Sub::Run {
         listen,
+        ipv6_only,
         ready,
         upgrade_timeout,
         drain_timeout,
@@ -176,7 +184,7 @@ fn main() -> ExitCode {
             restart_window,
             min_uptime,
         };
-        return run(pid_file, config);
+        return run(pid_file, ipv6_only, config);
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -245,8 +253,8 @@ fn notify(runtime: &tokio::runtime::Runtime, lines: &str) -> ExitCode {
 }
 
 /// `handoff run`: the environment is read before any thread starts.
-fn run(pid_file: Option<PathBuf>, config: supervisor::Config) -> ExitCode {
-    let mut builder = handoff::Handoff::builder();
+fn run(pid_file: Option<PathBuf>, ipv6_only: bool, config: supervisor::Config) -> ExitCode {
+    let mut builder = handoff::Handoff::builder().ipv6_only(ipv6_only);
     if let Some(path) = pid_file {
         builder = builder.pid_file(path);
     }

@@ -17,16 +17,76 @@ use super::Ready;
 /// let (name, addr) = Listen::parse("web=tcp://127.0.0.1:8080").unwrap();
 /// assert_eq!(name, "web");
 /// assert!(matches!(addr, Listen::Tcp(_)));
+/// // Host names are resolved once, here.
+/// let (_, Listen::Tcp(local)) = Listen::parse("web=tcp://localhost:8080").unwrap() else {
+///     unreachable!()
+/// };
+/// assert!(local.resolved.iter().all(|a| a.ip().is_loopback() && a.port() == 8080));
 /// assert!(Listen::parse("web=ftp://x").is_err());
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listen {
     /// `tcp://HOST:PORT`
-    Tcp(SocketAddr),
+    Tcp(HostPort),
     /// `udp://HOST:PORT`
-    Udp(SocketAddr),
+    Udp(HostPort),
     /// `unix:///path`
     Unix(PathBuf),
+}
+
+/// `HOST:PORT` as written (an IP address or a host name) and the addresses
+/// it resolved to, in the resolver's order. The socket is bound at the
+/// first of them that can be bound: one `--listen` is one socket, as the
+/// children that take only fd 3 expect. (For both IPv4 and IPv6, listen on
+/// `[::]`, which is dual-stack where the system says so, or give two.)
+///
+/// ```
+/// use handoff::supervisor::HostPort;
+/// let any = HostPort::resolve("[::]:8080").unwrap();
+/// assert_eq!(any.resolved, ["[::]:8080".parse().unwrap()]);
+/// assert!(HostPort::resolve("localhost").unwrap_err().contains("HOST:PORT"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    /// As given.
+    pub written: String,
+    /// What it resolved to; never empty.
+    pub resolved: Vec<SocketAddr>,
+}
+
+impl HostPort {
+    /// Parses an IP address with a port, or resolves a host name with one
+    /// (through the system's resolver: `/etc/hosts`, then DNS).
+    pub fn resolve(text: &str) -> Result<HostPort, String> {
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Ok(HostPort {
+                written: text.to_owned(),
+                resolved: vec![addr],
+            });
+        }
+        let (host, port) = text
+            .rsplit_once(':')
+            .filter(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+            .ok_or_else(|| {
+                format!(
+                    "{text:?} is not HOST:PORT (e.g. 127.0.0.1:8080, [::]:8080, localhost:8080)"
+                )
+            })?;
+        let mut resolved: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(text)
+            .map_err(|e| format!("cannot resolve {host:?} (in {text:?}): {e}"))?
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        resolved.retain(|addr| seen.insert(*addr));
+        if resolved.is_empty() {
+            return Err(format!(
+                "{host:?} (in {text:?}) resolved to no address with port {port}"
+            ));
+        }
+        Ok(HostPort {
+            written: text.to_owned(),
+            resolved,
+        })
+    }
 }
 
 impl Listen {
@@ -35,10 +95,7 @@ impl Listen {
         let (name, addr) = text.split_once('=').ok_or_else(|| {
             format!("{text:?}: expected NAME=ADDR, e.g. web=tcp://127.0.0.1:8080")
         })?;
-        let inet = |a: &str| {
-            a.parse::<SocketAddr>()
-                .map_err(|e| format!("{text:?}: {a:?} is not HOST:PORT ({e})"))
-        };
+        let inet = |a: &str| HostPort::resolve(a).map_err(|e| format!("{text:?}: {e}"));
         let listen = if let Some(a) = addr.strip_prefix("tcp://") {
             Listen::Tcp(inet(a)?)
         } else if let Some(a) = addr.strip_prefix("udp://") {

@@ -6,7 +6,7 @@
 //! with backoff while the sockets stay open, up to a start limit. As PID 1 it
 //! reaps every orphan.
 //!
-//! One owner for the state: [`Loop`] holds the table of children and
+//! One owner for the state: `Loop` holds the table of children and
 //! decides every transition, one event at a time (a signal, a control
 //! request, a child reaped, a readiness verdict, a timer). Waiting for a
 //! child to get ready runs in a task that reports back, so the loop always
@@ -23,21 +23,23 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::control::{Command, Generation, Response, Status};
 use crate::env::NOTIFY_SOCKET;
+use crate::launch::{logical_cwd, resolve_program};
 use crate::notify::{monotonic_usec, NotifyListener};
 use crate::readiness::Inbox;
 pub use crate::readiness::{parse_duration, Ready};
-use crate::spawn::{resolve_program, spawn, SpawnSpec};
+use crate::spawn::{spawn, SpawnSpec};
 use crate::Handoff;
 
 pub(crate) mod accepted_by;
 mod children;
 mod config;
 mod control_socket;
+mod listeners;
 mod reaper;
 mod restarts;
 
 use children::{Children, State};
-pub use config::{Config, Listen};
+pub use config::{Config, HostPort, Listen};
 use restarts::{Next, Restarts};
 
 /// Runs the supervisor until it is told to stop; returns the exit status:
@@ -49,19 +51,13 @@ use restarts::{Next, Restarts};
 /// are forked from that one thread, which their parent-death signal is tied
 /// to, and the reaper must not run between a fork and its pidfd.
 pub async fn run(handoff: Handoff, config: Config) -> Result<i32, String> {
-    let cwd =
-        std::env::current_dir().map_err(|e| format!("cannot read the working directory: {e}"))?;
+    // Logical, so that `cd current && handoff run -- ./server` starts each
+    // child through the `current` symlink as it is at that moment.
+    let cwd = logical_cwd().map_err(|e| format!("cannot read the working directory: {e}"))?;
     if config.command.is_empty() {
         return Err("no command to run".into());
     }
-    for (name, listen) in &config.listen {
-        let claimed = match listen {
-            Listen::Tcp(addr) => handoff.std_tcp_listener(name, *addr).map(drop),
-            Listen::Udp(addr) => handoff.std_udp_socket(name, *addr).map(drop),
-            Listen::Unix(path) => handoff.std_unix_listener(name, path).map(drop),
-        };
-        claimed.map_err(|e| e.to_string())?;
-    }
+    listeners::claim_all(&handoff, &config.listen)?;
     let notify =
         NotifyListener::bind().map_err(|e| format!("cannot create the notify socket: {e}"))?;
     let notify_addr = notify.addr().to_string();
@@ -371,7 +367,10 @@ impl Loop {
             cwd: &self.cwd,
             fds: registry.handoff_fds(),
             channel: None,
-            env: vec![(NOTIFY_SOCKET, self.notify_addr.clone().into())],
+            env: vec![
+                (NOTIFY_SOCKET, self.notify_addr.clone().into()),
+                ("PWD", self.cwd.clone().into_os_string()),
+            ],
             ignore_sighup: false,
             // Killed with SIGKILL, the supervisor leaves no orphan holding
             // the sockets: its children get the stop signal and drain.

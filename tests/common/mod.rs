@@ -16,6 +16,7 @@ pub mod load;
 pub mod peers;
 pub mod process;
 pub mod supervised;
+pub mod systemd;
 
 pub use events::{Events, Line};
 pub use process::*;

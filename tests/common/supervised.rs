@@ -45,6 +45,9 @@ pub fn write_launcher(path: &Path, body: &str) {
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 }
 
+/// The supervisor's `--listen` unless a test says otherwise.
+const LISTEN: &str = "http0=tcp://{addr}";
+
 impl Supervised {
     pub fn start(extra: &[&str], wrapper: &[&str]) -> Supervised {
         Self::start_child(extra, wrapper, None)
@@ -57,12 +60,13 @@ impl Supervised {
         wrapper: &[&str],
         child: Option<&dyn Fn(SocketAddr) -> String>,
     ) -> Supervised {
-        let supervised = Self::launch(extra, wrapper, child, None);
+        let supervised = Self::launch(LISTEN, extra, wrapper, child, None);
         supervised.wait_serving();
         supervised
     }
 
     fn launch(
+        listen: &str,
         extra: &[&str],
         wrapper: &[&str],
         child: Option<&dyn Fn(SocketAddr) -> String>,
@@ -83,7 +87,13 @@ impl Supervised {
         };
         write_launcher(&launcher, &body);
         let tag = Tagged::new("supervisor");
-        let listen = format!("http0=tcp://{addr}");
+        // `{addr}` (and `{port}`) in the listen address, an argument or the
+        // command is the free address picked for the supervisor.
+        let fill = |arg: &str| {
+            arg.replace("{addr}", &addr.to_string())
+                .replace("{port}", &addr.port().to_string())
+        };
+        let listen = fill(listen);
         let mut args: Vec<&str> = wrapper.to_vec();
         args.extend([
             env!("CARGO_BIN_EXE_handoff"),
@@ -93,16 +103,14 @@ impl Supervised {
             "--control",
             &control,
         ]);
-        // `{addr}` in an argument is the address the supervisor listens on.
-        let extra: Vec<String> = extra
-            .iter()
-            .map(|arg| arg.replace("{addr}", &addr.to_string()))
-            .collect();
+        let extra: Vec<String> = extra.iter().map(|arg| fill(arg)).collect();
         args.extend(extra.iter().map(String::as_str));
         let launcher_arg = launcher.to_string_lossy().into_owned();
         args.push("--");
-        match command {
-            Some(command) => args.extend_from_slice(command),
+        let command: Option<Vec<String>> =
+            command.map(|command| command.iter().map(|arg| fill(arg)).collect());
+        match &command {
+            Some(command) => args.extend(command.iter().map(String::as_str)),
             None => args.push(&launcher_arg),
         }
         let stderr = std::fs::File::create(dir.path().join("supervisor.log")).unwrap();
@@ -127,13 +135,25 @@ impl Supervised {
     /// As `start_child`, without waiting for a child to serve (one that
     /// never will, say).
     pub fn spawn_child(extra: &[&str], child: &dyn Fn(SocketAddr) -> String) -> Supervised {
-        Self::launch(extra, &[], Some(child), None)
+        Self::launch(LISTEN, extra, &[], Some(child), None)
     }
 
     /// `handoff run` with `command` (not the launcher) after `--`, run in
     /// the test's directory; no waiting.
     pub fn spawn_command(extra: &[&str], command: &[&str]) -> Supervised {
-        Self::launch(extra, &[], None, Some(command))
+        Self::launch(LISTEN, extra, &[], None, Some(command))
+    }
+
+    /// `WRAPPER... handoff run ... -- COMMAND...`, no waiting.
+    pub fn spawn_wrapped(wrapper: &[&str], command: &[&str]) -> Supervised {
+        Self::launch(LISTEN, &[], wrapper, None, Some(command))
+    }
+
+    /// As `spawn_command`, with `--listen listen` (where `{addr}` and
+    /// `{port}` are the free address picked for the test) instead of
+    /// `http0=tcp://{addr}`.
+    pub fn spawn_listening(listen: &str, extra: &[&str], command: &[&str]) -> Supervised {
+        Self::launch(listen, extra, &[], None, Some(command))
     }
 
     /// Waits until a request succeeds (the first child is ready).
