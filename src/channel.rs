@@ -12,6 +12,7 @@
 //! | successor | `READY=1` | it serves; commit the handover |
 //! | parent | `COMMITTED=1` | the handover is committed: accept from now on |
 //! | successor | `HANDED_OVER=1` | it handed over to a successor of its own |
+//! | parent | `MAIN=1` | systemd confirmed the successor as its main process (`MAINPID=`) |
 //!
 //! [`recv_message`] reads any datagram safely: fds attached to it are always
 //! closed, and truncated or oversized messages are reported, never fatal.
@@ -28,6 +29,8 @@ pub(crate) const READY: &str = "READY=1";
 pub(crate) const COMMITTED: &str = "COMMITTED=1";
 /// The successor handed over in turn.
 pub(crate) const HANDED_OVER: &str = "HANDED_OVER=1";
+/// The successor is systemd's main process now.
+pub(crate) const MAIN: &str = "MAIN=1";
 
 /// The largest message read whole; longer ones are reported as oversized.
 const MAX_MESSAGE: usize = 4096;

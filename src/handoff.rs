@@ -21,6 +21,7 @@ use crate::lifecycle::{Lifecycle, Phase};
 use crate::notify::Upstream;
 use crate::pidfile::PidFile;
 use crate::upgrade::UpgradeEvent;
+use crate::watchdog::Watchdog;
 
 /// The default time a successor has to become ready.
 pub const DEFAULT_UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -170,6 +171,8 @@ impl Builder {
                 ipv6_only: self.ipv6_only,
                 parent: Mutex::new(channel),
                 parent_channel: std::sync::OnceLock::new(),
+                successor_channel: Mutex::new(None),
+                watchdog: Watchdog::from_env(start.mode != StartMode::Successor),
                 upstream: Upstream::new(start.notify_upstream),
                 last_failure: Mutex::new(None),
                 started: std::time::Instant::now(),
@@ -257,6 +260,11 @@ pub(crate) struct Inner {
     /// The same, once `ready()` opened it (to tell the parent later that
     /// this process handed over in turn).
     pub parent_channel: std::sync::OnceLock<Channel>,
+    /// This process's end of the channel to the successor it committed to,
+    /// to say `MAIN=1` once systemd knows the successor as main.
+    pub successor_channel: Mutex<Option<Arc<Channel>>>,
+    /// The service's watchdog, and whether this process is main for it.
+    pub watchdog: Watchdog,
     pub upstream: Upstream,
     pub last_failure: Mutex<Option<String>>,
     pub started: std::time::Instant,
@@ -389,6 +397,9 @@ impl Drop for Inner {
                 .swap(true, std::sync::atomic::Ordering::SeqCst)
             {
                 self.upstream.send(&format!("MAINPID={successor}"));
+                if let Some(channel) = &*lock(&self.successor_channel) {
+                    let _ = channel.send(crate::channel::MAIN);
+                }
             }
             return;
         }

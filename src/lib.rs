@@ -38,6 +38,7 @@ pub mod supervisor;
 #[cfg(feature = "tonic")]
 pub mod tonic;
 mod upgrade;
+mod watchdog;
 
 #[cfg(test)]
 mod testutil;

@@ -224,6 +224,7 @@ impl Serve {
             Ok(_) => {}
         }
         let _stderr = crate::report::StderrFallback::start(&handoff);
+        tokio::spawn(handoff.clone().run_watchdog());
         match handoff.ready() {
             Ok(()) | Err(Error::AlreadyReady) => {}
             Err(error) => return Err(error),

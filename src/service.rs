@@ -83,6 +83,10 @@ impl Handoff {
                 "systemd did not confirm MAINPID= in time"
             );
         }
+        // The successor's turn to ping the watchdog.
+        if let Some(channel) = &*lock(&self.inner.successor_channel) {
+            let _ = channel.send(crate::channel::MAIN);
+        }
     }
 
     /// The successor died after the commit and this process took the sockets

@@ -78,15 +78,26 @@ impl Handoff {
     }
 
     /// Waits for the parent's `COMMITTED=1`; its end-of-file means the parent
-    /// died before it could commit, and this process serves alone.
+    /// died before it could commit, and this process serves alone. Then
+    /// waits for `MAIN=1` (or the parent's exit): this process is systemd's
+    /// main process from then on.
     async fn await_commit(&self) {
         let Some(parent) = self.inner.parent_channel.get() else {
             return;
         };
+        let mut committed = false;
         loop {
             match parent.recv().await {
-                Ok(Some(message)) if message.has(channel::COMMITTED) => {
-                    return self.become_serving();
+                Ok(Some(message)) if !committed && message.has(channel::COMMITTED) => {
+                    committed = true;
+                    self.become_serving();
+                }
+                Ok(Some(message)) if committed && message.has(channel::MAIN) => {
+                    return self.inner.watchdog.became_main();
+                }
+                Ok(None) | Err(_) if committed => {
+                    // The parent exited; it told systemd first.
+                    return self.inner.watchdog.became_main();
                 }
                 Ok(Some(message)) => {
                     tracing::debug!(text = %Escaped(&message.text), "ignoring a message from the parent");
@@ -112,6 +123,7 @@ impl Handoff {
             "MAINPID={}\nREADY=1\nSTATUS=Serving, generation {} (pid {}); its parent died during the upgrade",
             inner.pid, inner.generation, inner.pid
         ));
+        inner.watchdog.became_main();
         self.become_serving();
     }
 

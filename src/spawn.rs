@@ -38,6 +38,9 @@ pub(crate) struct SpawnSpec<'a> {
     pub channel: Option<BorrowedFd<'a>>,
     /// Variables to add to (or replace in) this process's environment.
     pub env: Vec<(&'static str, OsString)>,
+    /// Variables set to the child's own PID (written in the child, like
+    /// `LISTEN_PID`, which is always one when fds are passed).
+    pub pid_vars: Vec<&'static str>,
     /// Start with `SIGHUP` ignored (a handoff successor installs its own
     /// handler; an arbitrary program under the supervisor must not).
     pub ignore_sighup: bool,
@@ -77,8 +80,9 @@ struct Prepared {
     _args: Vec<CString>,
     argv: Vec<*const libc::c_char>,
     _env: Vec<CString>,
-    /// `LISTEN_PID=` followed by room for the digits and a NUL.
-    listen_pid: Vec<u8>,
+    /// `LISTEN_PID=` and the other `pid_vars`, each followed by room for
+    /// the digits and a NUL.
+    pid_entries: Vec<Vec<u8>>,
     envp: Vec<*const libc::c_char>,
     sources: Vec<RawFd>,
     scratch: Vec<RawFd>,
@@ -106,8 +110,15 @@ fn prepare(spec: &SpawnSpec<'_>) -> io::Result<Prepared> {
         extra.push((LISTEN_FDS, spec.fds.len().to_string().into()));
         extra.push((LISTEN_FDNAMES, names.join(":").into()));
     }
-    let replaced =
-        |key: &OsStr| key == LISTEN_PID || extra.iter().any(|(k, _)| OsStr::new(k) == key);
+    let mut pid_vars = spec.pid_vars.clone();
+    if passing {
+        pid_vars.push(LISTEN_PID);
+    }
+    let replaced = |key: &OsStr| {
+        key == LISTEN_PID
+            || pid_vars.iter().any(|k| OsStr::new(k) == key)
+            || extra.iter().any(|(k, _)| OsStr::new(k) == key)
+    };
     let mut env = Vec::new();
     for (key, value) in std::env::vars_os() {
         if !replaced(&key) {
@@ -117,12 +128,20 @@ fn prepare(spec: &SpawnSpec<'_>) -> io::Result<Prepared> {
     for (key, value) in &extra {
         env.push(env_entry(OsStr::new(key), value)?);
     }
-    let mut listen_pid = format!("{LISTEN_PID}=").into_bytes();
-    listen_pid.resize(listen_pid.len() + PID_DIGITS + 1, 0);
+    let pid_entries: Vec<Vec<u8>> = pid_vars
+        .iter()
+        .map(|var| {
+            let mut entry = format!("{var}=").into_bytes();
+            entry.resize(entry.len() + PID_DIGITS + 1, 0);
+            entry
+        })
+        .collect();
     let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
-    if passing {
-        envp.push(listen_pid.as_ptr().cast());
-    }
+    envp.extend(
+        pid_entries
+            .iter()
+            .map(|e| e.as_ptr().cast::<libc::c_char>()),
+    );
     envp.push(std::ptr::null());
 
     let mut sources: Vec<RawFd> = spec.fds.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
@@ -134,7 +153,7 @@ fn prepare(spec: &SpawnSpec<'_>) -> io::Result<Prepared> {
         _args: args,
         argv,
         _env: env,
-        listen_pid,
+        pid_entries,
         envp,
         sources,
         scratch,
@@ -193,24 +212,26 @@ unsafe fn exec_child(p: &mut Prepared, err_fd: RawFd) -> ! {
         }
     }
 
-    if count > 0 {
-        // LISTEN_PID: this process's PID, written into the pre-built entry
-        // (only used when LISTEN_FDS is passed).
-        let mut pid = libc::getpid() as u64;
-        let mut digits = [0u8; PID_DIGITS];
-        let mut n = 0;
-        loop {
-            digits[PID_DIGITS - 1 - n] = b'0' + (pid % 10) as u8;
-            n += 1;
-            pid /= 10;
-            if pid == 0 {
-                break;
-            }
+    // LISTEN_PID and the other PID variables: this process's PID, written
+    // into the pre-built entries (each `NAME=` and room for the digits).
+    let mut pid = libc::getpid() as u64;
+    let mut digits = [0u8; PID_DIGITS];
+    let mut n = 0;
+    loop {
+        digits[PID_DIGITS - 1 - n] = b'0' + (pid % 10) as u8;
+        n += 1;
+        pid /= 10;
+        if pid == 0 {
+            break;
         }
-        let start = LISTEN_PID.len() + 1;
-        p.listen_pid[start..start + n].copy_from_slice(&digits[PID_DIGITS - n..]);
-        p.listen_pid[start + n] = 0;
+    }
+    for entry in p.pid_entries.iter_mut() {
+        let start = entry.len() - PID_DIGITS - 1;
+        entry[start..start + n].copy_from_slice(&digits[PID_DIGITS - n..]);
+        entry[start + n] = 0;
+    }
 
+    if count > 0 {
         // A source inside the target range could be overwritten before it is
         // placed (or sit on its own target, where dup2 is a no-op that keeps
         // FD_CLOEXEC): copy those above the range first. Sources above the

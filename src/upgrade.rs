@@ -22,6 +22,7 @@ use crate::escape::Escaped;
 use crate::handoff::{lock, Handoff};
 use crate::lifecycle::Phase;
 use crate::spawn::{exit_error, spawn, Child, SpawnSpec, Successor};
+use crate::watchdog::{WATCHDOG_PID, WATCHDOG_USEC};
 
 /// What happened to an upgrade, as told to [`Handoff::upgrade_events`] subscribers.
 #[derive(Debug, Clone)]
@@ -196,6 +197,8 @@ async fn drive(handoff: Handoff, reply: oneshot::Sender<Result<u32, UpgradeError
             reply,
         );
     };
+    let parent = std::sync::Arc::new(parent);
+    *lock(&inner.successor_channel) = Some(parent.clone());
     if let Err(error) = parent.send(channel::COMMITTED) {
         // It died just now; the watch below sees its exit and takes back.
         tracing::warn!(successor = pid, %error, "cannot tell the successor it took over");
@@ -217,7 +220,7 @@ async fn drive(handoff: Handoff, reply: oneshot::Sender<Result<u32, UpgradeError
         .events
         .send(UpgradeEvent::Succeeded { successor: pid });
     let _ = reply.send(Ok(pid));
-    watch(&handoff, successor, parent).await;
+    watch(&handoff, successor, &parent).await;
 }
 
 fn failed(
@@ -268,6 +271,13 @@ async fn attempt(handoff: &Handoff) -> Result<(Child, Channel), UpgradeError> {
     }
     tracing::info!(pid = inner.pid, generation = inner.generation, program = %program.display(), dir = %launch.dir.display(), "upgrade started");
     env.push(("PWD", launch.dir.clone().into_os_string()));
+    // The service's watchdog is the successor's too once it is main: as
+    // systemd would, give it the timeout and its own PID.
+    let mut pid_vars = Vec::new();
+    if let Some(timeout) = inner.watchdog.timeout() {
+        env.push((WATCHDOG_USEC, timeout.as_micros().to_string().into()));
+        pid_vars.push(WATCHDOG_PID);
+    }
     let child = {
         // Only fork and exec run under the lock: no wait ever does.
         let registry = lock(&inner.registry);
@@ -286,6 +296,7 @@ async fn attempt(handoff: &Handoff) -> Result<(Child, Channel), UpgradeError> {
             env,
             ignore_sighup: true,
             parent_death_signal: None,
+            pid_vars,
         })
     };
     drop(theirs);
@@ -343,7 +354,7 @@ async fn attempt(handoff: &Handoff) -> Result<(Child, Channel), UpgradeError> {
 /// process finishes, watch the successor; if it dies abnormally, take the
 /// sockets back. The probation timer and the successor's own handover end
 /// the probation (this process may then exit once drained).
-async fn watch(handoff: &Handoff, successor: Successor, parent: Channel) {
+async fn watch(handoff: &Handoff, successor: Successor, parent: &Channel) {
     let inner = &handoff.inner;
     let pid = successor.pid();
     let committed = Instant::now();

@@ -3,8 +3,11 @@
 //! `systemctl reload`s under load with no failed request and `MainPID`
 //! following each generation, a reload with a broken binary that leaves the
 //! old process serving and says why, and a `systemctl stop` that lets an
-//! in-flight request finish. On systemd 252 (this machine's; `Type=notify` +
-//! `ExecReload=`) and 254 (from Debian backports; `Type=notify-reload`).
+//! in-flight request finish; all with `WatchdogSec=2s`, which every
+//! generation pings while it is the main process (and only then). On systemd
+//! 252 (this machine's; `Type=notify` + `ExecReload=`) and 254 (from Debian
+//! backports; `Type=notify-reload`). Also the minimal units without
+//! `FileDescriptorName=`.
 //!
 //! Needs root and a writable cgroup2; skips with the reason otherwise. All it
 //! writes is under its own temp directories.
@@ -145,6 +148,19 @@ fn scenario(variant: &Variant, systemd_root: Option<&Path>) {
         };
         assert_ne!(new, main, "reload {round} started a new generation");
         main = new;
+        if !variant.supervised {
+            // The watchdog is the new main process's now, as systemd would
+            // have set it for a process it started.
+            let vars = sandbox.environ(main);
+            assert!(
+                vars.contains(&format!("WATCHDOG_PID={main}"))
+                    && vars.contains(&"WATCHDOG_USEC=2000000".to_owned()),
+                "reload {round}: {:?}",
+                vars.iter()
+                    .filter(|v| v.starts_with("WATCHDOG"))
+                    .collect::<Vec<_>>()
+            );
+        }
         sandbox.wait_for(service, "StatusText", "the new generation's status", |s| {
             s.contains(&format!("(pid {main})"))
         });
@@ -165,6 +181,17 @@ fn scenario(variant: &Variant, systemd_root: Option<&Path>) {
         variant.label, stats.ok, stats.failed
     );
     assert_eq!(stats.failed, 0, "failed requests: {:?}", stats.errors);
+    // Only the main process of the moment talked to systemd (watchdog
+    // pings included): systemd warns of any other sender.
+    let log = sandbox.log();
+    let strays: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("reception only permitted for main PID"))
+        .collect();
+    assert!(
+        strays.is_empty(),
+        "notify messages from a process that was not main: {strays:#?}"
+    );
 
     // A broken binary: the reload returns, the old process keeps serving, and
     // systemctl status says why.

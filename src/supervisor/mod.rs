@@ -375,6 +375,7 @@ impl Loop {
             // Killed with SIGKILL, the supervisor leaves no orphan holding
             // the sockets: its children get the stop signal and drain.
             parent_death_signal: Some(self.config.stop_signal),
+            pid_vars: Vec::new(),
         })
         .map_err(|e| e.to_string())?;
         drop(registry);

@@ -67,6 +67,20 @@ impl Sandbox {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
+    /// The environment of process `pid` (a PID inside the sandbox).
+    pub fn environ(&self, pid: u32) -> Vec<String> {
+        let output = run(&["exec", &self.state, "cat", &format!("/proc/{pid}/environ")]);
+        assert!(
+            output.status.success(),
+            "read the environment of {pid}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout)
+            .split('\0')
+            .map(str::to_owned)
+            .collect()
+    }
+
     pub fn show(&self, unit: &str, property: &str) -> String {
         let out = self.ctl_ok(&["show", "-p", property, "--value", unit]);
         out.trim().to_owned()
