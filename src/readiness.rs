@@ -24,6 +24,8 @@ pub(crate) struct Inbox {
     ready_groups: Mutex<HashSet<u32>>,
     /// The last `STATUS=` of each process group, for the supervisor's own.
     statuses: Mutex<std::collections::HashMap<u32, String>>,
+    /// When each process group last sent `WATCHDOG=1`.
+    pings: Mutex<std::collections::HashMap<u32, std::time::Instant>>,
     changed: tokio::sync::Notify,
     /// Notified when a `STATUS=` arrived.
     pub(crate) status_changed: tokio::sync::Notify,
@@ -39,6 +41,7 @@ impl Inbox {
             ready: Mutex::new(HashSet::new()),
             ready_groups: Mutex::new(HashSet::new()),
             statuses: Mutex::new(std::collections::HashMap::new()),
+            pings: Mutex::new(std::collections::HashMap::new()),
             changed: tokio::sync::Notify::new(),
             status_changed: tokio::sync::Notify::new(),
         });
@@ -48,6 +51,7 @@ impl Inbox {
                 match listener.recv().await {
                     Ok(message) => {
                         reader.note_status(&message);
+                        reader.note_ping(&message);
                         match message.pid {
                             Some(pid) if message.has("READY=1") => {
                                 lock(&reader.ready).insert(pid);
@@ -90,6 +94,28 @@ impl Inbox {
         lock(&self.ready).remove(&pid);
         lock(&self.ready_groups).remove(&pid);
         lock(&self.statuses).remove(&pid);
+        lock(&self.pings).remove(&pid);
+    }
+
+    /// Notes the sender group's `WATCHDOG=1`.
+    fn note_ping(&self, message: &crate::channel::Message) {
+        if let Some(pid) = message.pid.filter(|_| message.has("WATCHDOG=1")) {
+            let group = accepted_by::process_group(pid).unwrap_or(pid);
+            if lock(&self.pings)
+                .insert(group, std::time::Instant::now())
+                .is_none()
+            {
+                tracing::info!(
+                    pgid = group,
+                    "the child pings the watchdog: while it serves, it is replaced if it stops"
+                );
+            }
+        }
+    }
+
+    /// When the child `pid` (or its group) last sent `WATCHDOG=1`, if ever.
+    pub(crate) fn last_ping(&self, pid: u32) -> Option<std::time::Instant> {
+        lock(&self.pings).get(&pid).copied()
     }
 
     /// Keeps the sender group's last `STATUS=` (printable, bounded).

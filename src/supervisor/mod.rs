@@ -28,6 +28,7 @@ use crate::notify::{monotonic_usec, NotifyListener};
 use crate::readiness::Inbox;
 pub use crate::readiness::{parse_duration, Ready};
 use crate::spawn::{spawn, SpawnSpec};
+use crate::watchdog::{WATCHDOG_PID, WATCHDOG_USEC};
 use crate::Handoff;
 
 pub(crate) mod accepted_by;
@@ -37,6 +38,7 @@ mod control_socket;
 mod listeners;
 mod reaper;
 mod restarts;
+mod watchdog;
 
 use children::{Children, State};
 pub use config::{Config, HostPort, Listen};
@@ -160,20 +162,6 @@ struct Loop {
     verdicts: mpsc::UnboundedSender<Verdict>,
 }
 
-/// Half the service manager's watchdog interval (`WATCHDOG_USEC`, for this
-/// process if `WATCHDOG_PID` says so), as `sd_watchdog_enabled(3)` advises.
-fn watchdog_interval() -> Option<std::time::Duration> {
-    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
-    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
-        if pid.parse::<u32>().ok()? != std::process::id() {
-            return None;
-        }
-    }
-    (usec > 0).then(|| {
-        std::time::Duration::from_micros(usec / 2).max(std::time::Duration::from_millis(1))
-    })
-}
-
 /// The next tick of `interval`, or never.
 async fn tick(interval: &mut Option<tokio::time::Interval>) {
     match interval {
@@ -210,9 +198,12 @@ impl Loop {
             sig(SignalKind::user_defined2())?,
         );
         let inbox = self.inbox.clone();
-        let mut watchdog = watchdog_interval().map(tokio::time::interval);
+        // Half the watchdog timeout, as sd_watchdog_enabled(3) advises.
+        let mut watchdog = self.handoff.watchdog_timeout().map(|timeout| {
+            tokio::time::interval((timeout / 2).max(std::time::Duration::from_millis(1)))
+        });
         if let Some(interval) = &watchdog {
-            tracing::info!(every = ?interval.period(), "pinging the service manager's watchdog while a child serves");
+            tracing::info!(every = ?interval.period(), "pinging the service manager's watchdog");
         }
         self.start_candidate(false, Vec::new());
         loop {
@@ -262,14 +253,7 @@ impl Loop {
                 () = tokio::time::sleep(std::time::Duration::from_millis(100)), if !self.remnants.is_empty() => {
                     self.check_remnants();
                 }
-                _ = tick(&mut watchdog) => {
-                    // The loop is alive: a restart that takes longer than
-                    // the watchdog interval is no reason to be killed; the
-                    // start limit ends a crash loop.
-                    if self.stopping.is_none() {
-                        self.handoff.notify("WATCHDOG=1");
-                    }
-                }
+                _ = tick(&mut watchdog) => self.on_watchdog_tick(),
                 () = until(proven_at) => {
                     if let Some(candidate) = self.candidate.take() {
                         self.candidate_ready(candidate);
@@ -360,6 +344,16 @@ impl Loop {
         let first = &self.config.command[0];
         let program = resolve_program(first, &self.cwd)
             .ok_or_else(|| format!("{}: not found in PATH", first.to_string_lossy()))?;
+        let mut env = vec![
+            (NOTIFY_SOCKET, self.notify_addr.clone().into()),
+            ("PWD", self.cwd.clone().into_os_string()),
+        ];
+        // The watchdog passes on to the child, as systemd would set it.
+        let mut pid_vars = Vec::new();
+        if let Some(timeout) = self.handoff.watchdog_timeout() {
+            env.push((WATCHDOG_USEC, timeout.as_micros().to_string().into()));
+            pid_vars.push(WATCHDOG_PID);
+        }
         let registry = crate::handoff::lock(&self.handoff.inner.registry);
         let child = spawn(&SpawnSpec {
             program: &program,
@@ -367,15 +361,12 @@ impl Loop {
             cwd: &self.cwd,
             fds: registry.handoff_fds(),
             channel: None,
-            env: vec![
-                (NOTIFY_SOCKET, self.notify_addr.clone().into()),
-                ("PWD", self.cwd.clone().into_os_string()),
-            ],
+            env,
             ignore_sighup: false,
             // Killed with SIGKILL, the supervisor leaves no orphan holding
             // the sockets: its children get the stop signal and drain.
             parent_death_signal: Some(self.config.stop_signal),
-            pid_vars: Vec::new(),
+            pid_vars,
         })
         .map_err(|e| e.to_string())?;
         drop(registry);
@@ -532,20 +523,7 @@ impl Loop {
             }
             let why = format!("the serving process {exit}");
             tracing::error!(error = %why, "the serving child died (the sockets stay open)");
-            self.handoff.notify(&format!("STATUS=Restarting: {why}"));
-            self.last_error = Some(why);
-            // A child getting ready (an upgrade) takes over if it can; one
-            // that is ready and proving --min-uptime takes over now (no
-            // old child serves beside it any more); else a restart.
-            match &self.candidate {
-                Some(candidate) if candidate.ready_at.is_some() => {
-                    if let Some(candidate) = self.candidate.take() {
-                        self.candidate_ready(candidate);
-                    }
-                }
-                Some(_) => {}
-                None => self.schedule_restart(),
-            }
+            self.serving_lost(why);
         } else {
             tracing::debug!(
                 pid,
@@ -553,6 +531,24 @@ impl Loop {
                 generation = child.generation,
                 "retired child exited"
             );
+        }
+    }
+
+    /// No child serves any more (it died, or hangs): a child getting ready
+    /// (an upgrade) takes over if it can; one that is ready and proving
+    /// --min-uptime takes over now (no old child serves beside it any
+    /// more); else a restart.
+    fn serving_lost(&mut self, why: String) {
+        self.handoff.notify(&format!("STATUS=Restarting: {why}"));
+        self.last_error = Some(why);
+        match &self.candidate {
+            Some(candidate) if candidate.ready_at.is_some() => {
+                if let Some(candidate) = self.candidate.take() {
+                    self.candidate_ready(candidate);
+                }
+            }
+            Some(_) => {}
+            None => self.schedule_restart(),
         }
     }
 

@@ -60,13 +60,14 @@ impl Supervised {
         wrapper: &[&str],
         child: Option<&dyn Fn(SocketAddr) -> String>,
     ) -> Supervised {
-        let supervised = Self::launch(LISTEN, extra, wrapper, child, None);
+        let supervised = Self::launch(LISTEN, &[], extra, wrapper, child, None);
         supervised.wait_serving();
         supervised
     }
 
     fn launch(
         listen: &str,
+        env: &[(&str, &str)],
         extra: &[&str],
         wrapper: &[&str],
         child: Option<&dyn Fn(SocketAddr) -> String>,
@@ -117,6 +118,7 @@ impl Supervised {
         let supervisor = Command::new(args[0])
             .args(&args[1..])
             .env("TEST_SERVER_TAG", tag.value())
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -135,25 +137,30 @@ impl Supervised {
     /// As `start_child`, without waiting for a child to serve (one that
     /// never will, say).
     pub fn spawn_child(extra: &[&str], child: &dyn Fn(SocketAddr) -> String) -> Supervised {
-        Self::launch(LISTEN, extra, &[], Some(child), None)
+        Self::launch(LISTEN, &[], extra, &[], Some(child), None)
     }
 
     /// `handoff run` with `command` (not the launcher) after `--`, run in
     /// the test's directory; no waiting.
     pub fn spawn_command(extra: &[&str], command: &[&str]) -> Supervised {
-        Self::launch(LISTEN, extra, &[], None, Some(command))
+        Self::launch(LISTEN, &[], extra, &[], None, Some(command))
+    }
+
+    /// As `spawn_command`, with `env` added to the supervisor's environment.
+    pub fn spawn_command_with_env(env: &[(&str, &str)], command: &[&str]) -> Supervised {
+        Self::launch(LISTEN, env, &[], &[], None, Some(command))
     }
 
     /// `WRAPPER... handoff run ... -- COMMAND...`, no waiting.
     pub fn spawn_wrapped(wrapper: &[&str], command: &[&str]) -> Supervised {
-        Self::launch(LISTEN, &[], wrapper, None, Some(command))
+        Self::launch(LISTEN, &[], &[], wrapper, None, Some(command))
     }
 
     /// As `spawn_command`, with `--listen listen` (where `{addr}` and
     /// `{port}` are the free address picked for the test) instead of
     /// `http0=tcp://{addr}`.
     pub fn spawn_listening(listen: &str, extra: &[&str], command: &[&str]) -> Supervised {
-        Self::launch(listen, extra, &[], None, Some(command))
+        Self::launch(listen, &[], extra, &[], None, Some(command))
     }
 
     /// Waits until a request succeeds (the first child is ready).
