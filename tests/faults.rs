@@ -418,7 +418,7 @@ fn a_server_that_is_pid_1_refuses_to_upgrade_and_says_why() {
             "--fork".into(),
             "--kill-child".into(),
         ],
-        pid_namespace: true,
+        namespace_pid: Some(1),
         ..Options::new("http_server")
             .arg("--listen")
             .arg("127.0.0.1:0")

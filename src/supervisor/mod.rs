@@ -687,6 +687,11 @@ impl Loop {
                 child.state = State::Retiring { deadline: None };
             }
         }
+        // No child starts any more: our copies of the sockets would only keep
+        // them open after the children stop accepting, leaving new clients
+        // in a backlog nobody accepts until we exit, instead of refused. (The
+        // paths we bound stay recorded, to unlink at the end.)
+        crate::handoff::lock(&self.handoff.inner.registry).close_all();
     }
 
     fn kill_all(&mut self) {

@@ -119,9 +119,10 @@ pub struct Options<'a> {
     /// Connect here once spawned: a socket-activated server starts on the
     /// first connection.
     pub connect_first: Option<SocketAddr>,
-    /// The wrapper starts the server as PID 1 of a new PID namespace
-    /// (`unshare --pid --fork`): its event lines say `pid=1`.
-    pub pid_namespace: bool,
+    /// The wrapper starts the server in a new PID namespace, where it has
+    /// this PID (1 under `unshare --pid --fork`, 2 under an init there):
+    /// its event lines say so.
+    pub namespace_pid: Option<u32>,
     /// Runs in the server's process before `exec` (async-signal-safe code only).
     pub pre_exec: Option<fn() -> std::io::Result<()>>,
 }
@@ -134,7 +135,7 @@ impl<'a> Options<'a> {
             env: Vec::new(),
             wrapper: Vec::new(),
             connect_first: None,
-            pid_namespace: false,
+            namespace_pid: None,
             pre_exec: None,
         }
     }
@@ -219,7 +220,7 @@ impl Server {
             });
         }
         // The PID the server's own lines carry.
-        let own_pid = if options.pid_namespace { 1 } else { first_pid };
+        let own_pid = options.namespace_pid.unwrap_or(first_pid);
         let mut server = Server {
             dir,
             bin,

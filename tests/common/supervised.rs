@@ -2,13 +2,15 @@
 //! test may replace, as a deploy replaces a binary) in a private directory,
 //! killed with everything it started when the test ends.
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::http::get;
-use super::{become_subreaper, free_port, Tagged, TempDir, DEADLINE};
+use super::{become_subreaper, free_port, Events, Tagged, TempDir, DEADLINE};
 
 pub fn handoff(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_handoff"))
@@ -30,6 +32,10 @@ pub struct Supervised {
     pub launcher: PathBuf,
     pub supervisor: Child,
     pub tag: Tagged,
+    /// The lines the children print on stdout (they inherit the
+    /// supervisor's, which prints nothing there itself): the library
+    /// examples' event lines.
+    pub events: Arc<Events>,
 }
 
 pub fn python_server() -> String {
@@ -115,15 +121,25 @@ impl Supervised {
             None => args.push(&launcher_arg),
         }
         let stderr = std::fs::File::create(dir.path().join("supervisor.log")).unwrap();
-        let supervisor = Command::new(args[0])
+        let mut supervisor = Command::new(args[0])
             .args(&args[1..])
             .env("TEST_SERVER_TAG", tag.value())
             .envs(env.iter().copied())
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
             .expect("start handoff run");
+        let events = Arc::new(Events::default());
+        let stdout = supervisor.stdout.take().expect("stdout pipe");
+        {
+            let events = events.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    events.push(line);
+                }
+            });
+        }
         Supervised {
             dir,
             addr,
@@ -131,6 +147,7 @@ impl Supervised {
             launcher,
             supervisor,
             tag,
+            events,
         }
     }
 
