@@ -183,7 +183,9 @@ pub enum UpgradeError {
     Stopping,
     /// This process is PID 1 (a container without an init): when it exits,
     /// the kernel kills every process in its PID namespace, the successor too.
-    #[error("this process is PID 1, so its successor would be killed when it exits; run the server under `handoff run` (or an init such as tini) to upgrade it")]
+    /// An init such as tini is no way out: it exits with its child, the
+    /// first generation, and so does the container.
+    #[error("this process is PID 1, so its successor would be killed when it exits; run the server under `handoff run` to upgrade it in place (an init such as tini exits with its child, the first generation, which ends the container just the same)")]
     Pid1,
     /// The generation counter is exhausted.
     #[error("generation {generation} is the last one; restart the service to upgrade again")]

@@ -4,11 +4,13 @@
 //! PID 1, `SIGKILL` after the grace period. The lame duck (`--drain-delay`)
 //! answers `/readyz` with 503 while `/` still answers 200, then the listener
 //! closes, the request in flight finishes, and the container exits 0 well
-//! within the grace period. Needs root (skipped otherwise).
+//! within the grace period. Needs root (skipped otherwise); the init is
+//! tini (Debian package tini, which `.ci/run` installs).
 
 mod common;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -36,6 +38,22 @@ fn root() -> bool {
         eprintln!("SKIPPED: unshare --pid needs root");
     }
     root
+}
+
+/// `tini` (Debian package tini, which `.ci/run` installs); without it the
+/// test is skipped, unless `REQUIRE_TEST_PEERS` is set (as CI sets it).
+fn tini() -> Option<&'static str> {
+    const TINI: &str = "/usr/bin/tini";
+    if Path::new(TINI).exists() {
+        return Some(TINI);
+    }
+    let how = format!("{TINI} is missing: apt-get install tini (.ci/run does)");
+    assert!(
+        std::env::var_os("REQUIRE_TEST_PEERS").is_none(),
+        "REQUIRE_TEST_PEERS is set but {how}"
+    );
+    eprintln!("SKIPPED: {how}");
+    None
 }
 
 /// The host PID of the only child of `parent` (unshare's child: PID 1 of
@@ -339,6 +357,21 @@ fn library_server_in_a_namespace(init: &[&str], namespace_pid: u32, flags: &str)
     (server, pid1)
 }
 
+/// The library server behind an init (`tini`, what `docker run --init`
+/// runs): the kubelet's `SIGTERM` goes to tini, which passes it on; the
+/// lame duck and the drain run, and tini exits with the server's 0.
+#[test]
+fn a_library_server_under_tini_stops_like_a_pod() {
+    if !root() {
+        return;
+    }
+    let Some(tini) = tini() else {
+        return;
+    };
+    let (server, pid1) = library_server_in_a_namespace(&[tini, "--"], 2, &server_flags());
+    stop_like_a_pod(server.addr(), &server.events, 2, pid1, server.first_pid);
+}
+
 /// The library server as PID 1 itself (no init): it refuses to upgrade
 /// (`faults::a_server_that_is_pid_1_refuses_to_upgrade_and_says_why`) but
 /// stops like a pod: a handled `SIGTERM` reaches PID 1.
@@ -349,4 +382,60 @@ fn a_library_server_as_pid_1_stops_like_a_pod() {
     }
     let (server, pid1) = library_server_in_a_namespace(&[], 1, &server_flags());
     stop_like_a_pod(server.addr(), &server.events, 1, pid1, server.first_pid);
+}
+
+/// Why a library server that upgrades in place needs `handoff run` in a
+/// container, and an init does not do: tini passes `SIGHUP` on, the server
+/// upgrades, and when the first generation exits (after its probation)
+/// tini exits with it, as a container ends with its first process; the
+/// kernel then kills the rest of the namespace, the successor included.
+#[test]
+fn under_tini_an_in_place_upgrade_ends_the_container() {
+    if !root() {
+        return;
+    }
+    let Some(tini) = tini() else {
+        return;
+    };
+    let (server, pid1) = library_server_in_a_namespace(&[tini, "--"], 2, "");
+    let from = server.events.len();
+    signal(pid1, libc::SIGHUP);
+    let (_, succeeded) = server
+        .events
+        .wait(from, DEADLINE, "the upgrade to succeed", |l| {
+            l.is("upgrade succeeded") && l.num("pid") == 2
+        });
+    let successor = succeeded.num("successor");
+    server
+        .events
+        .wait(from, DEADLINE, "the successor to be ready", |l| {
+            l.is("ready") && l.num("pid") == successor
+        });
+    server.events.wait(
+        from,
+        DEADLINE,
+        "the first generation to stop accepting",
+        |l| l.is("stopping") && l.num("pid") == 2,
+    );
+    assert_eq!(
+        get(server.addr(), "/").unwrap().pid(),
+        Some(successor as u32),
+        "the successor serves"
+    );
+    server
+        .events
+        .wait(from, DEADLINE, "the first generation's exit", |l| {
+            l.is("exit") && l.num("pid") == 2
+        });
+    assert_eq!(
+        wait_exit(server.first_pid, DEADLINE),
+        Some(Some(0)),
+        "tini exits with its child"
+    );
+    assert!(
+        server.processes().is_empty(),
+        "the successor went with the namespace: {:?}",
+        server.processes()
+    );
+    assert!(get(server.addr(), "/").is_err(), "nothing serves any more");
 }
