@@ -229,7 +229,6 @@ fn failed(
     reply: oneshot::Sender<Result<u32, UpgradeError>>,
 ) {
     let inner = &handoff.inner;
-    inner.life.abort_upgrade();
     if matches!(error, UpgradeError::Cancelled { .. }) {
         tracing::warn!(pid = inner.pid, generation = inner.generation, %error, "upgrade abandoned");
     } else {
@@ -242,6 +241,9 @@ fn failed(
         error: error.clone(),
     });
     let _ = reply.send(Err((*error).clone()));
+    // Last: a stopping process may exit as soon as the upgrade is over, and
+    // the outcome must have been published by then.
+    inner.life.abort_upgrade();
 }
 
 /// Starts the successor and waits until it is ready. On any failure the

@@ -25,7 +25,12 @@ fn start(extra: &[&str]) -> (Server, TempDir, PathBuf) {
     (Server::start_with(options), dir, store)
 }
 
-fn lines(server: &Server) -> Vec<Line> {
+/// Every event line up to the `exit` line of `pid` (the process has exited,
+/// but the reader thread may not have read all it printed yet).
+fn lines_until_exit(server: &Server, pid: u32) -> Vec<Line> {
+    server.events.wait(0, DEADLINE, "the exit line", |l| {
+        l.is("exit") && l.num("pid") == u64::from(pid)
+    });
     server
         .events
         .snapshot()
@@ -64,7 +69,7 @@ fn stages_close_in_order_work_in_flight_finishes_and_nothing_is_lost() {
         Some(Some(0)),
         "every component closed"
     );
-    let lines = lines(&server);
+    let lines = lines_until_exit(&server, pid);
     let http = position(&lines, |l| l.is("shutdown") && l.get("stage") == "http");
     let workers = position(&lines, |l| l.is("shutdown") && l.get("stage") == "workers");
     let store_closed = position(&lines, |l| l.is("shutdown") && l.get("stage") == "store");
@@ -153,7 +158,7 @@ fn after_an_upgrade_the_old_process_closes_every_component() {
     get(server.addr(), "/job?ms=200").unwrap();
     let new = server.upgrade_ok(); // also checks the old process exited 0
     assert_eq!(get(server.addr(), "/").unwrap().pid(), Some(new));
-    let reports: Vec<Line> = lines(&server)
+    let reports: Vec<Line> = lines_until_exit(&server, old)
         .into_iter()
         .filter(|l| l.is("shutdown") && l.num("pid") == u64::from(old))
         .collect();
