@@ -232,13 +232,14 @@ unsafe fn exec_child(p: &mut Prepared, err_fd: RawFd) -> ! {
     }
 
     if count > 0 {
-        // A source inside the target range could be overwritten before it is
-        // placed (or sit on its own target, where dup2 is a no-op that keeps
-        // FD_CLOEXEC): copy those above the range first. Sources above the
-        // range are placed directly, one call each.
+        // Placed in order, 3 first, a source is overwritten before it is
+        // read only if it sits inside the range below its own target: copy
+        // those above the range first. The rest are placed directly, so a
+        // successor passing on the fds it inherited at 3.. needs no second
+        // copy of them (with thousands of fds, the fd limit would not do).
         for (i, &src) in p.sources.iter().enumerate() {
             p.scratch[i] = src;
-            if src < first_free {
+            if (LISTEN_FDS_START..LISTEN_FDS_START + i as RawFd).contains(&src) {
                 let tmp = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, first_free);
                 if tmp < 0 {
                     fail(err_fd);
@@ -247,8 +248,15 @@ unsafe fn exec_child(p: &mut Prepared, err_fd: RawFd) -> ! {
             }
         }
         for (i, &src) in p.scratch.iter().enumerate() {
+            let target = LISTEN_FDS_START + i as RawFd;
             // dup2 leaves the new fd without FD_CLOEXEC: it survives execve.
-            if libc::dup2(src, LISTEN_FDS_START + i as RawFd) < 0 {
+            // Onto itself it is a no-op that keeps the flag: clear it then.
+            let placed = if src == target {
+                libc::fcntl(src, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(src, target)
+            };
+            if placed < 0 {
                 fail(err_fd);
             }
         }
