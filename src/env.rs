@@ -336,6 +336,8 @@ fn parse_names(value: &str, count: usize, strict: bool) -> Result<Vec<String>, E
             &format!("it has {} names but LISTEN_FDS is {count}", names.len()),
         ));
     }
+    // Thousands of names: duplicates found through a set, not pairwise.
+    let mut seen = std::collections::HashSet::with_capacity(if strict { names.len() } else { 0 });
     for (i, name) in names.iter().enumerate() {
         let problem = if strict {
             name_problem(name)
@@ -351,7 +353,7 @@ fn parse_names(value: &str, count: usize, strict: bool) -> Result<Vec<String>, E
                 &format!("name {i} (\"{}\") is {reason}", Escaped(name)),
             ));
         }
-        if strict && names[..i].contains(name) {
+        if strict && !seen.insert(name.as_str()) {
             return Err(invalid(
                 LISTEN_FDNAMES,
                 value,
