@@ -9,7 +9,8 @@
 //! library loaded later with `dlopen` into a threaded process gets no such
 //! guarantee, nor does a program whose own constructors start threads),
 //! reads the variables,
-//! removes them, and marks the inherited fds close-on-exec. [`Builder::build`]
+//! removes them, and marks the inherited fds close-on-exec (the readiness
+//! channel and the memfd of `HANDOFF_VARS_FD` too). [`Builder::build`]
 //! later parses that snapshot, from whatever thread, at whatever time.
 //!
 //! [`Builder::build`]: crate::Builder::build
@@ -18,7 +19,9 @@ use std::ffi::OsString;
 use std::os::fd::RawFd;
 use std::sync::OnceLock;
 
-use crate::env::{CONSUMED, HANDOFF_CHANNEL_FD, LISTEN_FDS, LISTEN_FDS_START, LISTEN_PID};
+use crate::env::{
+    CONSUMED, HANDOFF_CHANNEL_FD, HANDOFF_VARS_FD, LISTEN_FDS, LISTEN_FDS_START, LISTEN_PID,
+};
 
 /// Each consumed variable with the value it had at start.
 pub(crate) type Snapshot = Vec<(&'static str, Option<OsString>)>;
@@ -78,7 +81,10 @@ fn mark_inherited_cloexec(values: &Snapshot) {
     if count == 0 || count > 65_536 {
         return;
     }
+    // The channel follows the fds, and the memfd of long variables (see
+    // env.rs) the channel.
     let channel = u32::from(get(HANDOFF_CHANNEL_FD).is_some());
-    let last = LISTEN_FDS_START + (count + channel) as RawFd - 1;
+    let vars = u32::from(get(HANDOFF_VARS_FD).is_some());
+    let last = LISTEN_FDS_START + (count + channel + vars) as RawFd - 1;
     crate::env::mark_cloexec(LISTEN_FDS_START, last);
 }

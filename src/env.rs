@@ -7,9 +7,17 @@
 //! Every variable read here is removed from the process environment before
 //! `main` (see `early.rs`), so the application's own subprocesses inherit
 //! none of them.
+//!
+//! Linux takes at most 128 KiB in one environment string (`MAX_ARG_STRLEN`),
+//! which `LISTEN_FDNAMES` passes at a few thousand names. A predecessor then
+//! sends the [`LONG_VARS`] that do not fit in a sealed memfd instead,
+//! announced by [`HANDOFF_VARS_FD`] (see [`vars_memfd`] for the format); the
+//! successor reads it as if the variables were in its environment.
 
-use std::ffi::OsString;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
 
 use crate::error::EnvError;
@@ -33,9 +41,21 @@ pub(crate) const HANDOFF_SOCKET_PATHS: &str = "HANDOFF_SOCKET_PATHS";
 /// The fd of a successor's end of the readiness channel (see `channel.rs`):
 /// always the one right after the `LISTEN_FDS` fds.
 pub(crate) const HANDOFF_CHANNEL_FD: &str = "HANDOFF_CHANNEL_FD";
+/// The fd of a sealed memfd holding the [`LONG_VARS`] that did not fit in
+/// the environment: always the one right after the readiness channel. Set
+/// only when needed, so a successor with few fds gets plain variables.
+pub(crate) const HANDOFF_VARS_FD: &str = "HANDOFF_VARS_FD";
+
+/// The variables that may travel in the [`HANDOFF_VARS_FD`] memfd instead of
+/// the environment: the two that grow with the number of fds.
+pub(crate) const LONG_VARS: [&str; 2] = [LISTEN_FDNAMES, HANDOFF_SOCKET_PATHS];
+/// The most bytes a successor reads from [`HANDOFF_VARS_FD`]: room for
+/// [`MAX_FDS`] names of [`MAX_NAME_LEN`] bytes and as many socket path
+/// identities (at most 83 bytes each), with some to spare.
+pub(crate) const MAX_VARS_LEN: usize = 32 << 20;
 
 /// Every variable this module consumes; all are removed from the environment.
-pub(crate) const CONSUMED: [&str; 8] = [
+pub(crate) const CONSUMED: [&str; 9] = [
     LISTEN_FDS,
     LISTEN_PID,
     LISTEN_FDNAMES,
@@ -44,6 +64,7 @@ pub(crate) const CONSUMED: [&str; 8] = [
     HANDOFF_NOTIFY_UPSTREAM,
     HANDOFF_SOCKET_PATHS,
     HANDOFF_CHANNEL_FD,
+    HANDOFF_VARS_FD,
 ];
 
 /// The first inherited fd, as in `sd_listen_fds(3)`.
@@ -128,7 +149,7 @@ pub(crate) fn take_from_process() -> Option<Result<Taken, EnvError>> {
             .find(|(var, _)| *var == name)
             .and_then(|(_, value)| value.clone())
     };
-    let result = parse(get, std::process::id()).and_then(|env| {
+    let result = parse(get, std::process::id(), read_vars_fd).and_then(|env| {
         let fds = claim_fds(&env)?;
         let channel = env.channel.map(claim_channel).transpose()?;
         Ok((env, fds, channel))
@@ -147,10 +168,13 @@ fn fresh(notify_upstream: Option<NotifyAddr>) -> StartEnv {
     }
 }
 
-/// Parses the variables read through `get`, for the process `pid`.
+/// Parses the variables read through `get`, for the process `pid`; the
+/// contents of a [`HANDOFF_VARS_FD`] memfd are read through `read_vars`
+/// (once its fd number proved right).
 pub(crate) fn parse(
     get: impl Fn(&str) -> Option<OsString>,
     pid: u32,
+    read_vars: impl FnOnce(RawFd) -> Result<Vec<u8>, String>,
 ) -> Result<StartEnv, EnvError> {
     let text = |var: &'static str| -> Result<Option<String>, EnvError> {
         match get(var) {
@@ -189,8 +213,8 @@ pub(crate) fn parse(
                 &format!("a generation is at most {MAX_GENERATION}"),
             ));
         }
-        let fds = match text(LISTEN_FDS)? {
-            None => Vec::new(),
+        let count = match text(LISTEN_FDS)? {
+            None => None,
             Some(count) => {
                 let listen_pid = text(LISTEN_PID)?.ok_or_else(|| EnvError::Missing {
                     var: LISTEN_PID,
@@ -204,43 +228,84 @@ pub(crate) fn parse(
                         &format!("the fds were passed to pid {target}, but this is pid {pid}"),
                     ));
                 }
-                let count = parse_count(&count)?;
-                let names = text(LISTEN_FDNAMES)?.ok_or_else(|| EnvError::Missing {
-                    var: LISTEN_FDNAMES,
-                    reason: "a successor's fds must all be named".into(),
-                })?;
-                let names = parse_names(&names, count, true)?;
+                Some(parse_count(&count)?)
+            }
+        };
+        let passed = count.unwrap_or(0);
+        let channel = text(HANDOFF_CHANNEL_FD)?.ok_or_else(|| EnvError::Missing {
+            var: HANDOFF_CHANNEL_FD,
+            reason: format!("{HANDOFF_GENERATION} is set, so the parent's channel must be too"),
+        })?;
+        let channel_fd = LISTEN_FDS_START as u64 + passed as u64;
+        if parse_number(HANDOFF_CHANNEL_FD, &channel)? != channel_fd {
+            return Err(invalid(
+                HANDOFF_CHANNEL_FD,
+                &channel,
+                &format!("the channel follows the {passed} passed fds, at fd {channel_fd}"),
+            ));
+        }
+        // The long variables, from the memfd if the parent sent one.
+        let long = match text(HANDOFF_VARS_FD)? {
+            None => Vec::new(),
+            Some(value) => {
+                let expected = channel_fd + 1;
+                if parse_number(HANDOFF_VARS_FD, &value)? != expected {
+                    return Err(invalid(
+                        HANDOFF_VARS_FD,
+                        &value,
+                        &format!("the memfd follows the channel, at fd {expected}"),
+                    ));
+                }
+                let bytes = read_vars(expected as RawFd)
+                    .map_err(|reason| invalid(HANDOFF_VARS_FD, &value, &reason))?;
+                let long = parse_vars(&bytes)
+                    .map_err(|reason| invalid(HANDOFF_VARS_FD, &value, &reason))?;
+                for (var, _) in &long {
+                    if get(var).is_some() {
+                        return Err(invalid(
+                            HANDOFF_VARS_FD,
+                            &value,
+                            &format!("{var} is both in the memfd and in the environment"),
+                        ));
+                    }
+                }
+                long
+            }
+        };
+        // A long variable and where it came from, for the errors.
+        let long_text = |var: &'static str| -> Result<Option<(String, &'static str)>, EnvError> {
+            match long.iter().find(|(name, _)| *name == var) {
+                Some((_, value)) => Ok(Some((value.clone(), " (read from HANDOFF_VARS_FD)"))),
+                None => Ok(text(var)?.map(|value| (value, ""))),
+            }
+        };
+        let fds = match count {
+            None => Vec::new(),
+            Some(count) => {
+                let (names, from) =
+                    long_text(LISTEN_FDNAMES)?.ok_or_else(|| EnvError::Missing {
+                        var: LISTEN_FDNAMES,
+                        reason: "a successor's fds must all be named".into(),
+                    })?;
+                let names = parse_names(&names, count, true).map_err(|e| e.read_from(from))?;
                 (0..count)
                     .map(|i| LISTEN_FDS_START + i as RawFd)
                     .zip(names.into_iter().map(Some))
                     .collect()
             }
         };
-        let path_ids = match text(HANDOFF_SOCKET_PATHS)? {
-            Some(value) => parse_path_ids(&value, fds.len())?,
+        let path_ids = match long_text(HANDOFF_SOCKET_PATHS)? {
+            Some((value, from)) => {
+                parse_path_ids(&value, fds.len()).map_err(|e| e.read_from(from))?
+            }
             None => Vec::new(),
         };
-        let channel = text(HANDOFF_CHANNEL_FD)?.ok_or_else(|| EnvError::Missing {
-            var: HANDOFF_CHANNEL_FD,
-            reason: format!("{HANDOFF_GENERATION} is set, so the parent's channel must be too"),
-        })?;
-        let expected = LISTEN_FDS_START as u64 + fds.len() as u64;
-        if parse_number(HANDOFF_CHANNEL_FD, &channel)? != expected {
-            return Err(invalid(
-                HANDOFF_CHANNEL_FD,
-                &channel,
-                &format!(
-                    "the channel follows the {} passed fds, at fd {expected}",
-                    fds.len()
-                ),
-            ));
-        }
         return Ok(StartEnv {
             mode: StartMode::Successor,
             generation,
             fds,
             path_ids,
-            channel: Some(expected as RawFd),
+            channel: Some(channel_fd as RawFd),
             notify_upstream: notify(HANDOFF_NOTIFY_UPSTREAM)?,
         });
     }
@@ -291,12 +356,163 @@ pub(crate) fn parse(
     })
 }
 
+/// Values longer than this are cut in errors (`LISTEN_FDNAMES` may hold
+/// megabytes).
+const MAX_SHOWN: usize = 200;
+
 fn invalid(var: &'static str, value: &str, reason: &str) -> EnvError {
+    let value = if value.len() > MAX_SHOWN {
+        let mut end = MAX_SHOWN;
+        while !value.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}… ({} bytes)", &value[..end], value.len())
+    } else {
+        value.to_owned()
+    };
     EnvError::Invalid {
         var,
-        value: value.to_owned(),
+        value,
         reason: reason.to_owned(),
     }
+}
+
+impl EnvError {
+    /// Adds where the value came from (`from` is empty for the environment).
+    fn read_from(self, from: &str) -> Self {
+        match self {
+            EnvError::Invalid { var, value, reason } if !from.is_empty() => EnvError::Invalid {
+                var,
+                value,
+                reason: format!("{reason}{from}"),
+            },
+            other => other,
+        }
+    }
+}
+
+/// A sealed memfd holding `vars` for a successor's [`HANDOFF_VARS_FD`]: each
+/// as `NAME=value` followed by a NUL byte, as in an `envp` block. Sealed
+/// against any change, so what the successor reads is what was written.
+pub(crate) fn vars_memfd(vars: &[(&str, OsString)]) -> std::io::Result<OwnedFd> {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    let mut bytes = Vec::new();
+    for (name, value) in vars {
+        bytes.extend_from_slice(name.as_bytes());
+        bytes.push(b'=');
+        bytes.extend_from_slice(value.as_bytes());
+        bytes.push(0);
+    }
+    let fd = memfd_create(
+        c"handoff-vars",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )?;
+    let file = std::fs::File::from(fd);
+    file.write_all_at(&bytes, 0)?;
+    let seals = SealFlag::F_SEAL_SEAL
+        | SealFlag::F_SEAL_SHRINK
+        | SealFlag::F_SEAL_GROW
+        | SealFlag::F_SEAL_WRITE;
+    fcntl(&file, FcntlArg::F_ADD_SEALS(seals))?;
+    Ok(file.into())
+}
+
+/// Takes over the [`HANDOFF_VARS_FD`] memfd at `fd`, reads it whole and
+/// closes it. It must be a memfd sealed against writing, growing and
+/// shrinking, of at most [`MAX_VARS_LEN`] bytes.
+fn read_vars_fd(fd: RawFd) -> Result<Vec<u8>, String> {
+    // SAFETY: stat is plain data, for which all zeroes is a value; fstat
+    // only writes it (EBADF if the fd is not open).
+    let open = unsafe {
+        let mut stat: libc::stat = std::mem::zeroed();
+        libc::fstat(fd, &mut stat)
+    } == 0;
+    if !open {
+        let error = std::io::Error::last_os_error();
+        return Err(format!("fd {fd} is not open: {error}"));
+    }
+    // SAFETY: the environment hands this fd to us and it is open (checked);
+    // take_from_process runs once per process, so nothing else owns it.
+    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    read_vars(&file).map_err(|reason| format!("fd {fd} {reason}"))
+}
+
+/// Reads a sealed memfd whole (see [`read_vars_fd`]); the error completes
+/// "fd N ...".
+pub(crate) fn read_vars(file: &std::fs::File) -> Result<Vec<u8>, String> {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot be inspected: {e}"))?;
+    if !meta.file_type().is_file() {
+        use std::os::unix::fs::FileTypeExt;
+        let kind = meta.file_type();
+        let kind = if kind.is_socket() {
+            "socket"
+        } else if kind.is_fifo() {
+            "pipe"
+        } else if kind.is_dir() {
+            "directory"
+        } else if kind.is_char_device() || kind.is_block_device() {
+            "device"
+        } else {
+            "file of another kind"
+        };
+        return Err(format!("is not a memfd but a {kind}"));
+    }
+    let needed = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_WRITE;
+    match fcntl(file.as_fd(), FcntlArg::F_GET_SEALS) {
+        Ok(seals) if SealFlag::from_bits_truncate(seals).contains(needed) => {}
+        Ok(_) => return Err("is a memfd that is not sealed against changes".into()),
+        Err(e) => return Err(format!("is not a sealed memfd (F_GET_SEALS: {e})")),
+    }
+    let len = meta.len();
+    if len > MAX_VARS_LEN as u64 {
+        return Err(format!("holds {len} bytes, more than {MAX_VARS_LEN}"));
+    }
+    let mut bytes = vec![0; len as usize];
+    file.read_exact_at(&mut bytes, 0)
+        .map_err(|e| format!("cannot be read: {e}"))?;
+    Ok(bytes)
+}
+
+/// Splits the memfd's `NAME=value\0` entries; only [`LONG_VARS`], each once.
+fn parse_vars(bytes: &[u8]) -> Result<Vec<(&'static str, String)>, String> {
+    let Some(body) = bytes.strip_suffix(&[0]) else {
+        return Err(if bytes.is_empty() {
+            "the memfd is empty".into()
+        } else {
+            "the memfd's last entry does not end with a NUL byte".into()
+        });
+    };
+    let mut vars: Vec<(&'static str, String)> = Vec::new();
+    for entry in body.split(|&b| b == 0) {
+        let shown = || Escaped(&String::from_utf8_lossy(&entry[..entry.len().min(40)])).to_string();
+        let (name, value) = entry
+            .iter()
+            .position(|&b| b == b'=')
+            .map(|eq| (&entry[..eq], &entry[eq + 1..]))
+            .ok_or_else(|| format!("the memfd holds \"{}\", which is not NAME=value", shown()))?;
+        let var = LONG_VARS
+            .into_iter()
+            .find(|var| var.as_bytes() == name)
+            .ok_or_else(|| {
+                format!(
+                    "the memfd holds \"{}\"; only {} may be there",
+                    shown(),
+                    LONG_VARS.join(" and ")
+                )
+            })?;
+        if vars.iter().any(|(seen, _)| *seen == var) {
+            return Err(format!("the memfd holds {var} twice"));
+        }
+        let value = OsStr::from_bytes(value)
+            .to_str()
+            .ok_or_else(|| format!("the memfd's {var} is not valid UTF-8"))?;
+        vars.push((var, value.to_owned()));
+    }
+    Ok(vars)
 }
 
 /// A plain decimal number: digits only, no sign, no spaces.
@@ -524,6 +740,17 @@ mod tests {
     use super::*;
 
     fn run(vars: &[(&str, &str)], pid: u32) -> Result<StartEnv, EnvError> {
+        run_with_memfd(vars, pid, |fd| {
+            panic!("no memfd in this test, yet fd {fd} was read")
+        })
+    }
+
+    /// [`run`], with `memfd` reading the `HANDOFF_VARS_FD` memfd.
+    fn run_with_memfd(
+        vars: &[(&str, &str)],
+        pid: u32,
+        memfd: impl FnOnce(RawFd) -> Result<Vec<u8>, String>,
+    ) -> Result<StartEnv, EnvError> {
         parse(
             |name| {
                 vars.iter()
@@ -531,6 +758,7 @@ mod tests {
                     .map(|(_, value)| OsString::from(value))
             },
             pid,
+            memfd,
         )
     }
 
@@ -721,5 +949,203 @@ mod tests {
         assert!(name_problem("a:b").is_some());
         assert!(name_problem(&"x".repeat(256)).is_some());
         assert!(name_problem("tab\there").is_some());
+    }
+
+    /// The good successor environment with the long variables in a memfd
+    /// (read through `memfd`) instead of `LISTEN_FDNAMES`.
+    fn run_memfd(
+        vars: &[(&str, &str)],
+        memfd: impl FnOnce(RawFd) -> Result<Vec<u8>, String>,
+    ) -> Result<StartEnv, EnvError> {
+        let mut all: Vec<(&str, &str)> = GOOD
+            .iter()
+            .copied()
+            .filter(|(k, _)| *k != "LISTEN_FDNAMES")
+            .collect();
+        all.push(("HANDOFF_VARS_FD", "6"));
+        for &(var, value) in vars {
+            all.retain(|(k, _)| *k != var);
+            all.push((var, value));
+        }
+        run_with_memfd(&all, 100, memfd)
+    }
+
+    #[test]
+    fn long_variables_are_read_from_the_memfd_after_the_channel() {
+        let env = run_memfd(&[], |fd| {
+            assert_eq!(fd, 6, "the memfd follows the channel (fd 5)");
+            Ok(b"LISTEN_FDNAMES=http:admin\0HANDOFF_SOCKET_PATHS=:2049,77,1700000000,5\0".to_vec())
+        })
+        .unwrap();
+        assert_eq!(
+            env.fds,
+            vec![(3, Some("http".to_owned())), (4, Some("admin".to_owned()))]
+        );
+        assert_eq!(env.path_ids[0], None);
+        assert_eq!(
+            env.path_ids[1].map(|id| id.to_string()).as_deref(),
+            Some("2049,77,1700000000,5")
+        );
+        assert_eq!(env.channel, Some(5));
+    }
+
+    #[test]
+    fn a_bad_memfd_or_its_announcement_is_an_error_naming_it() {
+        let never = |fd: RawFd| -> Result<Vec<u8>, String> { panic!("fd {fd} must not be read") };
+        for value in ["5", "7", "x", ""] {
+            let message = run_memfd(&[("HANDOFF_VARS_FD", value)], never)
+                .expect_err(value)
+                .to_string();
+            assert!(message.contains("HANDOFF_VARS_FD"), "{value:?}: {message}");
+        }
+        let refused = |reason: &str| {
+            let reason = reason.to_owned();
+            run_memfd(&[], move |_| Err(reason))
+                .expect_err("must be rejected")
+                .to_string()
+        };
+        let message = refused("fd 6 is not a memfd but a pipe");
+        assert!(
+            message.contains("HANDOFF_VARS_FD") && message.contains("not a memfd but a pipe"),
+            "{message}"
+        );
+        for (content, why) in [
+            (&b""[..], "empty"),
+            (b"LISTEN_FDNAMES=http:admin", "NUL"),
+            (b"LISTEN_FDNAMES=http:admin\0LISTEN_FDNAMES=a:b\0", "twice"),
+            (
+                b"LISTEN_FDS=2\0",
+                "only LISTEN_FDNAMES and HANDOFF_SOCKET_PATHS",
+            ),
+            (
+                b"PATH=/bin\0",
+                "only LISTEN_FDNAMES and HANDOFF_SOCKET_PATHS",
+            ),
+            (b"LISTEN_FDNAMES\0", "not NAME=value"),
+            (b"LISTEN_FDNAMES=http:\xff\0", "UTF-8"),
+        ] {
+            let content = content.to_vec();
+            let message = run_memfd(&[], move |_| Ok(content))
+                .expect_err(why)
+                .to_string();
+            assert!(
+                message.contains("HANDOFF_VARS_FD") && message.contains(why),
+                "{why}: {message}"
+            );
+        }
+        // In both places: which one counts would be a guess.
+        let message = run_memfd(&[("LISTEN_FDNAMES", "http:admin")], |_| {
+            Ok(b"LISTEN_FDNAMES=http:admin\0".to_vec())
+        })
+        .expect_err("twice")
+        .to_string();
+        assert!(
+            message.contains("HANDOFF_VARS_FD") && message.contains("both"),
+            "{message}"
+        );
+        // Wrong content inside a variable names it, and where it came from.
+        for (content, var) in [
+            (&b"LISTEN_FDNAMES=http\0"[..], "LISTEN_FDNAMES"),
+            (b"LISTEN_FDNAMES=http:http\0", "LISTEN_FDNAMES"),
+            (
+                b"LISTEN_FDNAMES=http:admin\0HANDOFF_SOCKET_PATHS=1,2,3\0",
+                "HANDOFF_SOCKET_PATHS",
+            ),
+        ] {
+            let content = content.to_vec();
+            let message = run_memfd(&[], move |_| Ok(content))
+                .expect_err(var)
+                .to_string();
+            assert!(
+                message.contains(var) && message.contains("read from HANDOFF_VARS_FD"),
+                "{var}: {message}"
+            );
+        }
+        // Without LISTEN_FDNAMES anywhere the successor's fds have no names.
+        let message = run_memfd(&[], |_| Ok(b"HANDOFF_SOCKET_PATHS=:\0".to_vec()))
+            .expect_err("no names")
+            .to_string();
+        assert!(message.contains("LISTEN_FDNAMES is missing"), "{message}");
+    }
+
+    #[test]
+    fn a_memfd_round_trips_and_only_a_sealed_one_is_read() {
+        use std::io::Write;
+        let names: Vec<String> = (0..10_000).map(|i| format!("listener-{i:05}")).collect();
+        let names = names.join(":");
+        let fd = vars_memfd(&[(LISTEN_FDNAMES, names.clone().into())]).unwrap();
+        let file = std::fs::File::from(fd);
+        let bytes = read_vars(&file).unwrap();
+        assert_eq!(parse_vars(&bytes).unwrap(), vec![(LISTEN_FDNAMES, names)]);
+        // Sealed: it cannot be changed.
+        assert!((&file).write_all(b"x").is_err(), "the memfd takes writes");
+        assert!(file.set_len(1).is_err(), "the memfd can be truncated");
+
+        let unsealed = nix::sys::memfd::memfd_create(
+            c"handoff-test",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
+        )
+        .unwrap();
+        let message = read_vars(&std::fs::File::from(unsealed)).unwrap_err();
+        assert!(message.contains("not sealed"), "{message}");
+
+        let tmp = crate::testutil::TempDir::new("vars-file");
+        let plain = std::fs::File::create(tmp.path().join("vars")).unwrap();
+        let message = read_vars(&plain).unwrap_err();
+        assert!(message.contains("not a sealed memfd"), "{message}");
+
+        let (pipe, _writer) = nix::unistd::pipe().unwrap();
+        let message = read_vars(&std::fs::File::from(pipe)).unwrap_err();
+        assert!(message.contains("not a memfd but a pipe"), "{message}");
+
+        // Larger than any real one could be: refused unread (sparse, so cheap).
+        let huge = nix::sys::memfd::memfd_create(
+            c"handoff-test",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
+        )
+        .unwrap();
+        let huge = std::fs::File::from(huge);
+        huge.set_len(MAX_VARS_LEN as u64 + 1).unwrap();
+        nix::fcntl::fcntl(
+            &huge,
+            nix::fcntl::FcntlArg::F_ADD_SEALS(
+                nix::fcntl::SealFlag::F_SEAL_SHRINK
+                    | nix::fcntl::SealFlag::F_SEAL_GROW
+                    | nix::fcntl::SealFlag::F_SEAL_WRITE,
+            ),
+        )
+        .unwrap();
+        let message = read_vars(&huge).unwrap_err();
+        assert!(message.contains("more than"), "{message}");
+    }
+
+    #[test]
+    fn the_memfd_is_closed_once_read() {
+        let fd = vars_memfd(&[(LISTEN_FDNAMES, "http".into())]).unwrap();
+        let inode = |fd: RawFd| {
+            // SAFETY: stat is plain data, for which all zeroes is a value;
+            // fstat only writes it (EBADF if the fd is not open).
+            unsafe {
+                let mut stat: libc::stat = std::mem::zeroed();
+                (libc::fstat(fd, &mut stat) == 0).then_some(stat.st_ino)
+            }
+        };
+        let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
+        let before = inode(raw);
+        assert!(before.is_some());
+        assert_eq!(read_vars_fd(raw).unwrap(), b"LISTEN_FDNAMES=http\0");
+        // Closed (another test thread may have reused the number since).
+        assert_ne!(inode(raw), before, "fd {raw} is still the memfd");
+        let message = read_vars_fd(-1).unwrap_err();
+        assert!(message.contains("not open"), "{message}");
+    }
+
+    #[test]
+    fn a_long_value_is_cut_in_the_error() {
+        let names = vec!["http"; 50_000].join(":");
+        let message = err_with("LISTEN_FDNAMES", &names);
+        assert!(message.contains("LISTEN_FDNAMES"), "{message}");
+        assert!(message.contains("(249999 bytes)"), "{message}");
+        assert!(message.len() < 1_000, "{} bytes", message.len());
     }
 }

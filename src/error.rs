@@ -208,6 +208,40 @@ pub enum UpgradeError {
         #[source]
         source: Arc<io::Error>,
     },
+    /// One argument or environment string of the new process is longer than
+    /// Linux takes (`MAX_ARG_STRLEN`, 32 pages: 128 KiB), so `execve` would
+    /// fail with `E2BIG`. Found before anything was started.
+    #[error("cannot start the new process: {what} is {size} bytes, but Linux takes at most {limit} in one argument or environment string (MAX_ARG_STRLEN; execve would fail with E2BIG); {hint}; nothing was started")]
+    ArgumentTooLong {
+        /// Which string: `argument 2`, `environment variable NAME`.
+        what: String,
+        /// Its size in bytes (with `NAME=` and the NUL).
+        size: usize,
+        /// The limit in bytes.
+        limit: usize,
+        /// What to do about it.
+        hint: String,
+    },
+    /// The new process's arguments and environment together are larger than
+    /// Linux takes (a quarter of the stack limit, at most 6 MiB), so
+    /// `execve` would fail with `E2BIG`. Found before anything was started.
+    #[error("cannot start the new process: its arguments and environment take {size} bytes, but Linux takes at most {limit} (a quarter of RLIMIT_STACK, at most 6 MiB; execve would fail with E2BIG); the largest is {largest}; shrink the environment or the arguments; nothing was started")]
+    ArgumentsTooLarge {
+        /// Their size in bytes, with one pointer each and room for what the
+        /// kernel adds.
+        size: usize,
+        /// The limit in bytes.
+        limit: usize,
+        /// The largest string and its size.
+        largest: String,
+    },
+    /// `execve` failed with `E2BIG` although the sizes were checked (the
+    /// kernel counts differently, or a script's interpreter added more).
+    #[error("the new binary {} was not started: the kernel refused its argument list and environment as too large (E2BIG); shrink the environment or the arguments", program.display())]
+    ExecTooLarge {
+        /// The path that was executed.
+        program: PathBuf,
+    },
     /// The successor exited before it was ready.
     #[error("the new process (pid {pid}) exited with status {code} before it was ready")]
     Exited {

@@ -270,7 +270,8 @@ impl Registry {
             .collect()
     }
 
-    /// The fds to pass to a successor, in order, with their names.
+    /// The fds to pass to a successor, in order, with their names (which
+    /// become `LISTEN_FDNAMES`, or the memfd's when too long).
     pub(crate) fn handoff_fds(&self) -> Vec<(&str, BorrowedFd<'_>)> {
         self.entries
             .iter()
@@ -280,6 +281,8 @@ impl Registry {
 
     /// `HANDOFF_SOCKET_PATHS` for a successor: the identity of each passed
     /// fd's socket path, if the service bound one; `None` if no fd has one.
+    /// About 32 bytes per path, so thousands of them do not fit in the
+    /// environment: `spawn` then sends it in a memfd (see `env.rs`).
     pub(crate) fn socket_paths(&self) -> Option<String> {
         let passed = self.entries.iter().filter(|e| e.fd.is_some());
         if !passed.clone().any(|e| e.bound_path.is_some()) {

@@ -6,23 +6,36 @@
 //! calls (the parent is multi-threaded), so everything it needs is built
 //! before the fork: `argv`, `envp` with a blank `LISTEN_PID=` that the child
 //! fills with its own PID, and the fd tables.
+//!
+//! What `execve` would refuse with `E2BIG` is refused before the fork, with
+//! what is too big: one string longer than `MAX_ARG_STRLEN` (128 KiB), or
+//! all of them over a quarter of `RLIMIT_STACK` (at most 6 MiB). A handoff
+//! successor gets the variables that grow with the number of fds
+//! (`LISTEN_FDNAMES`, `HANDOFF_SOCKET_PATHS`) in a sealed memfd instead when
+//! they do not fit (see `env.rs`), so thousands of listeners still hand over.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, pipe2, ForkResult, Pid};
 use tokio::io::unix::AsyncFd;
 
-use crate::env::{LISTEN_FDNAMES, LISTEN_FDS, LISTEN_FDS_START, LISTEN_PID};
+use crate::env::{
+    vars_memfd, HANDOFF_VARS_FD, LISTEN_FDNAMES, LISTEN_FDS, LISTEN_FDS_START, LISTEN_PID,
+    LONG_VARS,
+};
 use crate::error::UpgradeError;
 
 /// Digits enough for any PID.
 const PID_DIGITS: usize = 20;
+/// Room left in the `execve` limit for what the kernel adds itself: a
+/// script's `#!` line (up to 256 bytes) and its path (up to `PATH_MAX`).
+const EXEC_MARGIN: usize = 8 * 1024;
 
 /// What to start and what to give it.
 pub(crate) struct SpawnSpec<'a> {
@@ -41,6 +54,12 @@ pub(crate) struct SpawnSpec<'a> {
     /// Variables set to the child's own PID (written in the child, like
     /// `LISTEN_PID`, which is always one when fds are passed).
     pub pid_vars: Vec<&'static str>,
+    /// Whether the program reads `HANDOFF_VARS_FD` (a handoff successor,
+    /// with a `channel`): then those of `LISTEN_FDNAMES` and
+    /// `HANDOFF_SOCKET_PATHS` that do not fit in the environment go into a
+    /// sealed memfd, placed after `channel` and not counted in `LISTEN_FDS`.
+    /// Otherwise (any program under the supervisor) they must fit.
+    pub vars_fd: bool,
     /// Start with `SIGHUP` ignored (a handoff successor installs its own
     /// handler; an arbitrary program under the supervisor must not).
     pub ignore_sighup: bool,
@@ -73,6 +92,58 @@ fn env_entry(key: &OsStr, value: &OsStr) -> io::Result<CString> {
     cstring(&entry, "an environment variable")
 }
 
+/// What the child's setup was doing when it failed (sent with errno).
+const STEP_FDS: i32 = 1;
+const STEP_CHDIR: i32 = 2;
+const STEP_EXEC: i32 = 3;
+
+/// Linux's limits on what `execve` takes; beyond them it fails with `E2BIG`.
+#[derive(Debug, Clone, Copy)]
+struct ExecLimits {
+    /// One argument or environment string, NUL included (`MAX_ARG_STRLEN`:
+    /// 32 pages).
+    string: usize,
+    /// All strings and their pointers: a quarter of the soft `RLIMIT_STACK`,
+    /// at most 6 MiB (¾ of `_STK_LIM`), at least 128 KiB (`ARG_MAX`).
+    total: usize,
+}
+
+impl ExecLimits {
+    fn of_this_process() -> Self {
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .unwrap_or(4096)
+            .max(4096);
+        let stack = soft_limit(|limit| {
+            // SAFETY: getrlimit writes one rlimit into the struct it is given.
+            unsafe { libc::getrlimit(libc::RLIMIT_STACK, limit) }
+        })
+        .unwrap_or(8 << 20);
+        let quarter = usize::try_from(stack / 4).unwrap_or(usize::MAX);
+        ExecLimits {
+            string: 32 * page,
+            total: quarter.clamp(128 << 10, 6 << 20),
+        }
+    }
+}
+
+/// The soft limit a `getrlimit` call in `get` reports (`RLIM_INFINITY` is
+/// `u64::MAX`).
+fn soft_limit(get: impl FnOnce(&mut libc::rlimit) -> libc::c_int) -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // rlim_t is not u64 on every target.
+    #[allow(clippy::unnecessary_cast)]
+    (get(&mut limit) == 0).then_some(limit.rlim_cur as u64)
+}
+
+/// Bytes of one `NAME=value` entry in `envp`, NUL included.
+fn entry_len(key: &str, value: &OsStr) -> usize {
+    key.len() + 1 + value.len() + 1
+}
+
 /// Everything the child needs, built before the fork.
 struct Prepared {
     program: CString,
@@ -86,20 +157,29 @@ struct Prepared {
     envp: Vec<*const libc::c_char>,
     sources: Vec<RawFd>,
     scratch: Vec<RawFd>,
+    /// The `HANDOFF_VARS_FD` memfd, open until the child has its copy.
+    _vars: Option<OwnedFd>,
     ignore_sighup: bool,
     parent_death_signal: libc::c_int,
     /// This process's PID, to tell in the child whether it already died.
     parent: libc::pid_t,
 }
 
-fn prepare(spec: &SpawnSpec<'_>) -> io::Result<Prepared> {
-    let program = cstring(spec.program.as_os_str().as_bytes(), "the program path")?;
-    let cwd = cstring(spec.cwd.as_os_str().as_bytes(), "the working directory")?;
+fn prepare(spec: &SpawnSpec<'_>) -> Result<Prepared, UpgradeError> {
+    prepare_with(spec, ExecLimits::of_this_process())
+}
+
+fn prepare_with(spec: &SpawnSpec<'_>, limits: ExecLimits) -> Result<Prepared, UpgradeError> {
+    let invalid = |e| UpgradeError::io("cannot prepare the new process", e);
+    let program =
+        cstring(spec.program.as_os_str().as_bytes(), "the program path").map_err(invalid)?;
+    let cwd = cstring(spec.cwd.as_os_str().as_bytes(), "the working directory").map_err(invalid)?;
     let args = spec
         .args
         .iter()
         .map(|a| cstring(a.as_bytes(), "an argument"))
-        .collect::<io::Result<Vec<_>>>()?;
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(invalid)?;
     let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
 
@@ -116,17 +196,74 @@ fn prepare(spec: &SpawnSpec<'_>) -> io::Result<Prepared> {
     }
     let replaced = |key: &OsStr| {
         key == LISTEN_PID
+            || key == HANDOFF_VARS_FD
             || pid_vars.iter().any(|k| OsStr::new(k) == key)
             || extra.iter().any(|(k, _)| OsStr::new(k) == key)
     };
-    let mut env = Vec::new();
-    for (key, value) in std::env::vars_os() {
-        if !replaced(&key) {
-            env.push(env_entry(&key, &value)?);
+    let inherited: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(key, _)| !replaced(key))
+        .collect();
+    let pid_entries_len: usize = pid_vars.iter().map(|var| var.len() + 1 + PID_DIGITS + 1).sum();
+    // What execve counts: every string with its NUL (the program path too)
+    // and a pointer for each; plus what the kernel may add.
+    let total = |extra: &[(&'static str, OsString)]| {
+        let strings = spec.program.as_os_str().len()
+            + 1
+            + spec.args.iter().map(|a| a.len() + 1).sum::<usize>()
+            + inherited
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 2)
+                .sum::<usize>()
+            + extra.iter().map(|(k, v)| entry_len(k, v)).sum::<usize>()
+            + pid_entries_len;
+        let pointers = spec.args.len() + inherited.len() + extra.len() + pid_vars.len() + 4;
+        strings + pointers * std::mem::size_of::<*const libc::c_char>() + EXEC_MARGIN
+    };
+    // The long variables that do not fit go into the memfd, largest first:
+    // each one too long alone, then as many as the total needs (counting
+    // the HANDOFF_VARS_FD entry that would announce them).
+    let announce = entry_len(HANDOFF_VARS_FD, OsStr::new("65536"))
+        + std::mem::size_of::<*const libc::c_char>();
+    let mut moved: Vec<(&'static str, OsString)> = Vec::new();
+    while let Some((i, len)) = extra
+        .iter()
+        .enumerate()
+        .filter(|(_, (k, _))| spec.vars_fd && LONG_VARS.contains(k))
+        .map(|(i, (k, v))| (i, entry_len(k, v)))
+        .max_by_key(|&(_, len)| len)
+    {
+        if len <= limits.string && total(&extra) + announce <= limits.total {
+            break;
         }
+        moved.push(extra.remove(i));
+    }
+    let vars = if moved.is_empty() {
+        None
+    } else {
+        let fd = LISTEN_FDS_START as usize + spec.fds.len() + usize::from(spec.channel.is_some());
+        extra.push((HANDOFF_VARS_FD, fd.to_string().into()));
+        Some(vars_memfd(&moved).map_err(|e| {
+            UpgradeError::io(
+                format!(
+                    "cannot create the memfd for {} (too long for the environment)",
+                    moved
+                        .iter()
+                        .map(|(k, _)| *k)
+                        .collect::<Vec<_>>()
+                        .join(" and ")
+                ),
+                e,
+            )
+        })?)
+    };
+    check_sizes(spec, &inherited, &extra, total(&extra), limits)?;
+
+    let mut env = Vec::new();
+    for (key, value) in &inherited {
+        env.push(env_entry(key, value).map_err(invalid)?);
     }
     for (key, value) in &extra {
-        env.push(env_entry(OsStr::new(key), value)?);
+        env.push(env_entry(OsStr::new(key), value).map_err(invalid)?);
     }
     let pid_entries: Vec<Vec<u8>> = pid_vars
         .iter()
@@ -137,15 +274,12 @@ fn prepare(spec: &SpawnSpec<'_>) -> io::Result<Prepared> {
         })
         .collect();
     let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
-    envp.extend(
-        pid_entries
-            .iter()
-            .map(|e| e.as_ptr().cast::<libc::c_char>()),
-    );
+    envp.extend(pid_entries.iter().map(|e| e.as_ptr().cast::<libc::c_char>()));
     envp.push(std::ptr::null());
 
     let mut sources: Vec<RawFd> = spec.fds.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
     sources.extend(spec.channel.map(|fd| fd.as_raw_fd()));
+    sources.extend(vars.as_ref().map(|fd| fd.as_raw_fd()));
     let scratch = vec![-1; sources.len()];
     Ok(Prepared {
         program,
@@ -157,6 +291,7 @@ fn prepare(spec: &SpawnSpec<'_>) -> io::Result<Prepared> {
         envp,
         sources,
         scratch,
+        _vars: vars,
         ignore_sighup: spec.ignore_sighup,
         parent_death_signal: spec.parent_death_signal.map_or(0, |s| s as libc::c_int),
         // SAFETY: getpid has no preconditions.
@@ -164,8 +299,74 @@ fn prepare(spec: &SpawnSpec<'_>) -> io::Result<Prepared> {
     })
 }
 
+/// Refuses, before the fork, what `execve` would refuse with `E2BIG`: one
+/// string too long, or all of them (`total` bytes) too large.
+fn check_sizes(
+    spec: &SpawnSpec<'_>,
+    inherited: &[(OsString, OsString)],
+    extra: &[(&'static str, OsString)],
+    total: usize,
+    limits: ExecLimits,
+) -> Result<(), UpgradeError> {
+    // Every string with its size and what to call it.
+    let mut strings: Vec<(usize, String)> = vec![(
+        spec.program.as_os_str().len() + 1,
+        format!("the program path {}", spec.program.display()),
+    )];
+    strings.extend(
+        spec.args
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.len() + 1, format!("argument {i}"))),
+    );
+    strings.extend(inherited.iter().map(|(k, v)| {
+        (
+            k.len() + v.len() + 2,
+            format!("environment variable {}", k.to_string_lossy()),
+        )
+    }));
+    strings.extend(
+        extra
+            .iter()
+            .map(|(k, v)| (entry_len(k, v), format!("environment variable {k}"))),
+    );
+    let hint = |what: &str| {
+        if what == format!("environment variable {LISTEN_FDNAMES}") {
+            format!(
+                "it names {} fds, and this program can only receive their names in its environment: use fewer or shorter names",
+                spec.fds.len()
+            )
+        } else if what.starts_with("argument") || what.starts_with("the program") {
+            "shorten it".to_owned()
+        } else {
+            "shorten it or remove it from the environment".to_owned()
+        }
+    };
+    if let Some((size, what)) = strings.iter().find(|(size, _)| *size > limits.string) {
+        return Err(UpgradeError::ArgumentTooLong {
+            hint: hint(what),
+            what: what.clone(),
+            size: *size,
+            limit: limits.string,
+        });
+    }
+    if total > limits.total {
+        let (size, what) = strings
+            .iter()
+            .max_by_key(|(size, _)| *size)
+            .expect("the program path is always there");
+        return Err(UpgradeError::ArgumentsTooLarge {
+            size: total,
+            limit: limits.total,
+            largest: format!("{what} ({size} bytes)"),
+        });
+    }
+    Ok(())
+}
+
 /// Runs in the child between `fork` and `execve`. Only async-signal-safe
-/// calls; no allocation. On failure, writes errno to `err_fd` and exits 127.
+/// calls; no allocation. On failure, writes the step (`STEP_*`) and errno
+/// to `err_fd` and exits 127.
 ///
 /// # Safety
 /// Must only be called in the child right after `fork`, with `p` built by
@@ -175,16 +376,18 @@ unsafe fn exec_child(p: &mut Prepared, err_fd: RawFd) -> ! {
     let first_free = LISTEN_FDS_START + count;
     // Keep the error pipe out of the way of fds 3..3+count.
     let err_fd = libc::fcntl(err_fd, libc::F_DUPFD_CLOEXEC, first_free);
-    let fail = |fd: RawFd| -> ! {
+    let fail = |fd: RawFd, step: i32| -> ! {
         let errno = *libc::__errno_location();
         if fd >= 0 {
-            let bytes = errno.to_ne_bytes();
+            let mut bytes = [0u8; 8];
+            bytes[..4].copy_from_slice(&step.to_ne_bytes());
+            bytes[4..].copy_from_slice(&errno.to_ne_bytes());
             libc::write(fd, bytes.as_ptr().cast(), bytes.len());
         }
         libc::_exit(127)
     };
     if err_fd < 0 {
-        fail(-1);
+        fail(-1, STEP_FDS);
     }
     // Own process group, so a failed upgrade can kill everything it started.
     libc::setpgid(0, 0);
@@ -232,6 +435,7 @@ unsafe fn exec_child(p: &mut Prepared, err_fd: RawFd) -> ! {
     }
 
     if count > 0 {
+
         // Placed in order, 3 first, a source is overwritten before it is
         // read only if it sits inside the range below its own target: copy
         // those above the range first. The rest are placed directly, so a
@@ -242,7 +446,7 @@ unsafe fn exec_child(p: &mut Prepared, err_fd: RawFd) -> ! {
             if (LISTEN_FDS_START..LISTEN_FDS_START + i as RawFd).contains(&src) {
                 let tmp = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, first_free);
                 if tmp < 0 {
-                    fail(err_fd);
+                    fail(err_fd, STEP_FDS);
                 }
                 p.scratch[i] = tmp;
             }
@@ -257,7 +461,7 @@ unsafe fn exec_child(p: &mut Prepared, err_fd: RawFd) -> ! {
                 libc::dup2(src, target)
             };
             if placed < 0 {
-                fail(err_fd);
+                fail(err_fd, STEP_FDS);
             }
         }
     }
@@ -271,16 +475,15 @@ unsafe fn exec_child(p: &mut Prepared, err_fd: RawFd) -> ! {
         libc::CLOSE_RANGE_CLOEXEC,
     );
     if libc::chdir(p.cwd.as_ptr()) < 0 {
-        fail(err_fd);
+        fail(err_fd, STEP_CHDIR);
     }
     libc::execve(p.program.as_ptr(), p.argv.as_ptr(), p.envp.as_ptr());
-    fail(err_fd)
+    fail(err_fd, STEP_EXEC)
 }
 
 /// Starts the successor and returns once `execve` succeeded. Needs a tokio runtime.
 pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> Result<Child, UpgradeError> {
-    let mut prepared =
-        prepare(spec).map_err(|e| UpgradeError::io("cannot prepare the new process", e))?;
+    let mut prepared = prepare(spec)?;
     let (err_read, err_write) = pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| UpgradeError::io("cannot create a pipe", e.into()))?;
     // SAFETY: the child runs only exec_child, which makes async-signal-safe
@@ -310,20 +513,44 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> Result<Child, UpgradeError> {
     reader
         .read_to_end(&mut buf)
         .map_err(|e| UpgradeError::io("cannot read the exec status pipe", e))?;
-    if let Ok(bytes) = <[u8; 4]>::try_from(buf.as_slice()) {
-        let errno = i32::from_ne_bytes(bytes);
-        let source = io::Error::from_raw_os_error(errno);
-        let program = spec.program.to_path_buf();
-        return Err(if errno == libc::ENOENT {
-            UpgradeError::BinaryMissing { program }
-        } else {
-            UpgradeError::NotExecutable {
-                program,
-                source: std::sync::Arc::new(source),
-            }
-        });
+    if let Ok(bytes) = <[u8; 8]>::try_from(buf.as_slice()) {
+        let step = i32::from_ne_bytes(bytes[..4].try_into().expect("4 bytes"));
+        let errno = i32::from_ne_bytes(bytes[4..].try_into().expect("4 bytes"));
+        return Err(child_error(spec, prepared.sources.len(), step, errno));
     }
     Ok(child)
+}
+
+/// What the child's failed setup step means, for the operator.
+fn child_error(spec: &SpawnSpec<'_>, fds: usize, step: i32, errno: i32) -> UpgradeError {
+    let source = io::Error::from_raw_os_error(errno);
+    let program = spec.program.to_path_buf();
+    match (step, errno) {
+        (STEP_EXEC, libc::ENOENT) => UpgradeError::BinaryMissing { program },
+        (STEP_EXEC, libc::E2BIG) => UpgradeError::ExecTooLarge { program },
+        (STEP_EXEC, _) => UpgradeError::NotExecutable {
+            program,
+            source: std::sync::Arc::new(source),
+        },
+        (STEP_CHDIR, _) => UpgradeError::io(
+            format!(
+                "the new process cannot enter the working directory {}",
+                spec.cwd.display()
+            ),
+            source,
+        ),
+        _ => {
+            let limit = soft_limit(|limit| {
+                // SAFETY: getrlimit writes one rlimit into the struct it is given.
+                unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, limit) }
+            })
+            .map_or_else(|| "unknown".to_owned(), |soft| soft.to_string());
+            UpgradeError::io(
+                format!("cannot place the {fds} fds for the new process at fd 3 and up (RLIMIT_NOFILE is {limit})"),
+                source,
+            )
+        }
+    }
 }
 
 /// A pidfd for `pid`: readable once the process has exited (Linux 5.3+).
@@ -504,5 +731,213 @@ pub(crate) fn exit_error(pid: u32, status: Option<WaitStatus>) -> UpgradeError {
             format!("the new process (pid {pid}) ended before it was ready"),
             io::Error::other(format!("{other:?}")),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A spec for `/bin/true` passing the same fd under each of `names`.
+    fn spec<'a>(
+        args: &'a [OsString],
+        names: &'a [String],
+        fd: BorrowedFd<'a>,
+        vars_fd: bool,
+    ) -> SpawnSpec<'a> {
+        SpawnSpec {
+            program: Path::new("/bin/true"),
+            args,
+            cwd: Path::new("/"),
+            fds: names.iter().map(|name| (name.as_str(), fd)).collect(),
+            channel: Some(fd),
+            env: Vec::new(),
+            pid_vars: Vec::new(),
+            vars_fd,
+            ignore_sighup: false,
+            parent_death_signal: None,
+        }
+    }
+
+    /// The `envp` a prepared child would get, as text.
+    fn envp(prepared: &Prepared) -> Vec<String> {
+        prepared
+            ._env
+            .iter()
+            .map(|e| e.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    fn long_names(count: usize) -> Vec<String> {
+        (0..count)
+            .map(|i| format!("a-listener-with-a-long-name-{i:05}"))
+            .collect()
+    }
+
+    #[test]
+    fn an_argument_too_long_for_execve_fails_before_the_fork() {
+        let args = vec![
+            OsString::from("true"),
+            OsString::from("x".repeat(200 << 10)),
+        ];
+        let stdin = std::io::stdin();
+        let spec = spec(&args, &[], std::os::fd::AsFd::as_fd(&stdin), true);
+        // spawn() itself: nothing forked, so no runtime is needed either.
+        let error = spawn(&spec).err().expect("refused");
+        assert!(
+            matches!(error, UpgradeError::ArgumentTooLong { ref what, size, .. } if what == "argument 1" && size == (200 << 10) + 1),
+            "{error:?}"
+        );
+        let message = error.to_string();
+        for part in [
+            "argument 1",
+            "204801 bytes",
+            "MAX_ARG_STRLEN",
+            "nothing was started",
+        ] {
+            assert!(message.contains(part), "{part}: {message}");
+        }
+    }
+
+    #[test]
+    fn names_that_do_not_fit_go_into_a_memfd_the_successor_reads() {
+        let names = long_names(10_000);
+        let stdin = std::io::stdin();
+        let fd = std::os::fd::AsFd::as_fd(&stdin);
+        let args = vec![OsString::from("true")];
+        let prepared = prepare(&spec(&args, &names, fd, true)).unwrap();
+        let env = envp(&prepared);
+        assert!(
+            !env.iter().any(|e| e.starts_with("LISTEN_FDNAMES=")),
+            "LISTEN_FDNAMES stays in the environment"
+        );
+        assert!(env.contains(&"LISTEN_FDS=10000".to_owned()));
+        // After the 10,000 fds at 3.. and the channel at 10003.
+        assert!(env.contains(&"HANDOFF_VARS_FD=10004".to_owned()), "{env:?}");
+        assert_eq!(prepared.sources.len(), 10_002);
+        // What the successor makes of it.
+        let get = |var: &str| {
+            env.iter()
+                .find_map(|e| e.strip_prefix(&format!("{var}=")).map(OsString::from))
+        };
+        let memfd = std::fs::File::from(prepared._vars.as_ref().unwrap().try_clone().unwrap());
+        let parsed = crate::env::parse(
+            |var| {
+                if var == LISTEN_PID {
+                    Some("100".into())
+                } else if var == crate::env::HANDOFF_GENERATION {
+                    Some("2".into())
+                } else if var == crate::env::HANDOFF_CHANNEL_FD {
+                    Some("10003".into()) // set by the upgrade, not by spawn
+                } else {
+                    get(var)
+                }
+            },
+            100,
+            |at| {
+                assert_eq!(at, 10_004);
+                crate::env::read_vars(&memfd)
+            },
+        )
+        .unwrap();
+        let got: Vec<String> = parsed
+            .fds
+            .into_iter()
+            .filter_map(|(_, name)| name)
+            .collect();
+        assert_eq!(got, names);
+
+        // Few names stay in the environment, for any socket-activation reader.
+        let few = long_names(3);
+        let prepared = prepare(&spec(&args, &few, fd, true)).unwrap();
+        assert!(prepared._vars.is_none());
+        assert!(envp(&prepared).contains(&format!("LISTEN_FDNAMES={}", few.join(":"))));
+    }
+
+    #[test]
+    fn a_program_that_only_reads_the_environment_gets_an_error_naming_the_variable() {
+        let names = long_names(10_000);
+        let stdin = std::io::stdin();
+        let args = vec![OsString::from("true")];
+        let error = prepare(&spec(
+            &args,
+            &names,
+            std::os::fd::AsFd::as_fd(&stdin),
+            false,
+        ))
+        .err()
+        .expect("refused");
+        let message = error.to_string();
+        for part in [
+            "environment variable LISTEN_FDNAMES",
+            "it names 10000 fds",
+            "fewer or shorter names",
+        ] {
+            assert!(message.contains(part), "{part}: {message}");
+        }
+    }
+
+    #[test]
+    fn the_total_counts_and_the_long_variables_move_to_fit_it() {
+        let limits = ExecLimits {
+            string: 128 << 10,
+            total: (std::env::vars_os()
+                .map(|(k, v)| k.len() + v.len() + 10)
+                .sum::<usize>())
+                + EXEC_MARGIN
+                + (100 << 10),
+        };
+        let stdin = std::io::stdin();
+        let fd = std::os::fd::AsFd::as_fd(&stdin);
+        // Each string fits, together they do not.
+        let args: Vec<OsString> = std::iter::once("true".into())
+            .chain((0..3).map(|i| OsString::from(format!("{i}").repeat(40 << 10))))
+            .collect();
+        let error = prepare_with(&spec(&args, &[], fd, true), limits)
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(error, UpgradeError::ArgumentsTooLarge { ref largest, .. } if largest.starts_with("argument ")),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("RLIMIT_STACK"), "{error}");
+        // 2,000 names (72 KB) fit in one string, but not beside a 60 KB
+        // argument: they move to the memfd, and the rest fits.
+        let names = long_names(2_000);
+        let args = vec![OsString::from("true"), OsString::from("y".repeat(60 << 10))];
+        let prepared = prepare_with(&spec(&args, &names, fd, true), limits).unwrap();
+        assert!(prepared._vars.is_some(), "the names stayed");
+        assert!(!envp(&prepared)
+            .iter()
+            .any(|e| e.starts_with("LISTEN_FDNAMES=")));
+        assert!(prepare_with(&spec(&args, &names, fd, false), limits).is_err());
+    }
+
+    #[test]
+    fn a_failed_setup_step_says_which() {
+        let stdin = std::io::stdin();
+        let args = vec![OsString::from("true")];
+        let spec = spec(&args, &[], std::os::fd::AsFd::as_fd(&stdin), true);
+        let too_large = child_error(&spec, 1, STEP_EXEC, libc::E2BIG).to_string();
+        assert!(
+            too_large.contains("E2BIG") && too_large.contains("too large"),
+            "{too_large}"
+        );
+        assert!(!too_large.contains("cannot be executed"), "{too_large}");
+        let fds = child_error(&spec, 14_500, STEP_FDS, libc::EMFILE).to_string();
+        assert!(
+            fds.contains("14500 fds") && fds.contains("RLIMIT_NOFILE") && !fds.contains("executed"),
+            "{fds}"
+        );
+        let cwd = child_error(&spec, 1, STEP_CHDIR, libc::ENOENT).to_string();
+        assert!(cwd.contains("working directory /"), "{cwd}");
+        assert!(matches!(
+            child_error(&spec, 1, STEP_EXEC, libc::ENOENT),
+            UpgradeError::BinaryMissing { .. }
+        ));
+        assert!(matches!(
+            child_error(&spec, 1, STEP_EXEC, libc::EACCES),
+            UpgradeError::NotExecutable { .. }
+        ));
     }
 }

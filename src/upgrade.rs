@@ -296,6 +296,8 @@ async fn attempt(handoff: &Handoff) -> Result<(Child, Channel), UpgradeError> {
             fds,
             channel: Some(std::os::fd::AsFd::as_fd(&theirs)),
             env,
+            // What does not fit in the environment goes in a memfd.
+            vars_fd: true,
             ignore_sighup: true,
             parent_death_signal: None,
             pid_vars,

@@ -208,6 +208,12 @@ const CASES: &[Case] = &[
         detail: "follows the 0 passed fds",
     },
     Case {
+        env: &[("HANDOFF_VARS_FD", "9")],
+        own_listen_pid: false,
+        var: "HANDOFF_VARS_FD",
+        detail: "the memfd follows the channel, at fd 4",
+    },
+    Case {
         env: &[("HANDOFF_NOTIFY_UPSTREAM", "relative/path")],
         own_listen_pid: false,
         var: "HANDOFF_NOTIFY_UPSTREAM",

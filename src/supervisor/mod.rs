@@ -362,6 +362,8 @@ impl Loop {
             fds: registry.handoff_fds(),
             channel: None,
             env,
+            // Any program reads LISTEN_FDNAMES, so it must fit.
+            vars_fd: false,
             ignore_sighup: false,
             // Killed with SIGKILL, the supervisor leaves no orphan holding
             // the sockets: its children get the stop signal and drain.
