@@ -18,7 +18,7 @@ use std::ffi::{CString, OsStr, OsString};
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
@@ -203,7 +203,10 @@ fn prepare_with(spec: &SpawnSpec<'_>, limits: ExecLimits) -> Result<Prepared, Up
     let inherited: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(key, _)| !replaced(key))
         .collect();
-    let pid_entries_len: usize = pid_vars.iter().map(|var| var.len() + 1 + PID_DIGITS + 1).sum();
+    let pid_entries_len: usize = pid_vars
+        .iter()
+        .map(|var| var.len() + 1 + PID_DIGITS + 1)
+        .sum();
     // What execve counts: every string with its NUL (the program path too)
     // and a pointer for each; plus what the kernel may add.
     let total = |extra: &[(&'static str, OsString)]| {
@@ -274,7 +277,11 @@ fn prepare_with(spec: &SpawnSpec<'_>, limits: ExecLimits) -> Result<Prepared, Up
         })
         .collect();
     let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
-    envp.extend(pid_entries.iter().map(|e| e.as_ptr().cast::<libc::c_char>()));
+    envp.extend(
+        pid_entries
+            .iter()
+            .map(|e| e.as_ptr().cast::<libc::c_char>()),
+    );
     envp.push(std::ptr::null());
 
     let mut sources: Vec<RawFd> = spec.fds.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
@@ -435,7 +442,6 @@ unsafe fn exec_child(p: &mut Prepared, err_fd: RawFd) -> ! {
     }
 
     if count > 0 {
-
         // Placed in order, 3 first, a source is overwritten before it is
         // read only if it sits inside the range below its own target: copy
         // those above the range first. The rest are placed directly, so a
