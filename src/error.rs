@@ -69,7 +69,8 @@ pub enum Error {
         /// Which rule it breaks.
         reason: &'static str,
     },
-    /// The application asked twice for the same name.
+    /// The application asked twice for the same name with the same kind and
+    /// address (one name may hold several sockets at different addresses).
     #[error("fd name {name:?} is already in use in this process")]
     NameInUse {
         /// The name.

@@ -70,9 +70,11 @@ pub(crate) struct Registry {
     /// Slot indexes by inherited name (systemd may repeat a name).
     by_name: HashMap<String, Vec<usize>>,
     entries: Vec<Entry>,
-    /// Each claimed name with the address it was asked for (`Unnamed` for
-    /// other fds): a name may be claimed again for another address.
-    claims: HashSet<(String, LocalAddr)>,
+    /// Each claimed name with the kind and address it was asked for
+    /// (`Unnamed` for other fds): a name may be claimed again for another
+    /// kind or address (`ListenStream=53` and `ListenDatagram=53` in one
+    /// unit share a name).
+    claims: HashSet<(String, FdKind, LocalAddr)>,
     /// The inherited names are the service manager's, not a predecessor's.
     names_are_the_managers: bool,
 }
@@ -126,7 +128,7 @@ impl Registry {
                 reason,
             });
         }
-        let claim = (name.to_owned(), wanted.addr.clone());
+        let claim = (name.to_owned(), wanted.kind, wanted.addr.clone());
         if self.claims.contains(&claim) || self.has_claimed(name, wanted) {
             return Err(Error::NameInUse {
                 name: name.to_owned(),
@@ -174,11 +176,21 @@ impl Registry {
         Ok(Claimed { fd: copy, addr })
     }
 
+    /// Whether a claim of `name` for `wanted` would get an inherited fd.
+    pub(crate) fn inherits(&self, name: &str, wanted: &Wanted) -> bool {
+        !self
+            .claims
+            .contains(&(name.to_owned(), wanted.kind, wanted.addr.clone()))
+            && matches!(self.find_inherited(name, wanted), Ok(Some(_)))
+    }
+
     /// Whether `name` was claimed already for what `wanted` asks: any fd
     /// of that name for an fd that is not a socket, else one at that address.
     fn has_claimed(&self, name: &str, wanted: &Wanted) -> bool {
         self.entries.iter().any(|e| {
-            e.name == name && (wanted.kind == FdKind::Other || same_place(&e.addr, &wanted.addr))
+            e.name == name
+                && e.kind == wanted.kind
+                && (wanted.kind == FdKind::Other || same_place(&e.addr, &wanted.addr))
         })
     }
 
@@ -524,6 +536,26 @@ mod tests {
         // Both go on to the successor under the shared name, in order.
         let names: Vec<&str> = registry.handoff_fds().iter().map(|(n, _)| *n).collect();
         assert_eq!(names, ["web", "web"]);
+        // One name, one address, two kinds (ListenStream=53 and
+        // ListenDatagram=53 in one unit): both are claimable.
+        // A port free for both (another test may hold the TCP one).
+        let (udp, udp_addr, tcp_there) = (0..50)
+            .find_map(|_| {
+                let udp = bind_udp("127.0.0.1:0".parse().unwrap(), false).unwrap();
+                let addr = local(&udp);
+                bind_tcp(addr, false).ok().map(|tcp| (udp, addr, tcp))
+            })
+            .expect("a port free for TCP and UDP");
+        let mut dns = Registry::new(
+            vec![inherited(udp, "dns"), inherited(tcp_there, "dns")],
+            true,
+        );
+        let udp_wanted = Wanted {
+            kind: FdKind::Udp,
+            addr: LocalAddr::Inet(udp_addr),
+        };
+        dns.claim("dns", &udp_wanted, never).unwrap();
+        dns.claim("dns", &tcp(udp_addr), never).unwrap();
         // Any other fd: one per name.
         let mut other = Registry::default();
         let any = Wanted {

@@ -31,6 +31,13 @@ pub const DEFAULT_PROBATION: Duration = Duration::from_secs(1);
 /// The default grace between `SIGTERM` and `SIGKILL` for a failed successor.
 pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(2);
 
+/// The successor a process committed to: its end of the readiness channel,
+/// and its pidfd.
+pub(crate) struct SuccessorLink {
+    pub channel: Arc<Channel>,
+    pub pidfd: Option<OwnedFd>,
+}
+
 /// Configures a [`Handoff`].
 ///
 /// ```no_run
@@ -171,7 +178,8 @@ impl Builder {
                 ipv6_only: self.ipv6_only,
                 parent: Mutex::new(channel),
                 parent_channel: std::sync::OnceLock::new(),
-                successor_channel: Mutex::new(None),
+                successor: Mutex::new(None),
+                handover_told: tokio::sync::OnceCell::new(),
                 watchdog: Watchdog::from_env(start.mode != StartMode::Successor),
                 upstream: Upstream::new(start.notify_upstream),
                 last_failure: Mutex::new(None),
@@ -184,7 +192,7 @@ impl Builder {
                 )),
                 life: Lifecycle::new(),
                 force: CancellationToken::new(),
-                manager_told: std::sync::atomic::AtomicBool::new(false),
+                manager_told: Mutex::new(false),
                 signals: std::sync::atomic::AtomicBool::new(false),
                 events,
             }),
@@ -260,9 +268,13 @@ pub(crate) struct Inner {
     /// The same, once `ready()` opened it (to tell the parent later that
     /// this process handed over in turn).
     pub parent_channel: std::sync::OnceLock<Channel>,
-    /// This process's end of the channel to the successor it committed to,
-    /// to say `MAIN=1` once systemd knows the successor as main.
-    pub successor_channel: Mutex<Option<Arc<Channel>>>,
+    /// The successor this process commits (or committed) to: to say
+    /// `MAIN=1` once systemd knows it as main, and to pass a `SIGHUP` on.
+    pub successor: Mutex<Option<SuccessorLink>>,
+    /// Done once systemd was told `MAINPID=` of the successor (and
+    /// answered, or the wait timed out): every caller waits for the one
+    /// telling.
+    pub handover_told: tokio::sync::OnceCell<()>,
     /// The service's watchdog, and whether this process is main for it.
     pub watchdog: Watchdog,
     pub upstream: Upstream,
@@ -275,7 +287,9 @@ pub(crate) struct Inner {
     pub life: Lifecycle,
     pub force: CancellationToken,
     /// Whether systemd was told `MAINPID=` of the successor already.
-    pub manager_told: std::sync::atomic::AtomicBool,
+    /// Held while a message goes to systemd that only the main process may
+    /// send (`WATCHDOG=1`, `MAINPID=`), so none follows the handover.
+    pub manager_told: Mutex<bool>,
     /// Whether `handle_signals` installed the handler.
     pub signals: std::sync::atomic::AtomicBool,
     pub events: broadcast::Sender<UpgradeEvent>,
@@ -392,13 +406,12 @@ impl Drop for Inner {
     fn drop(&mut self) {
         let life = self.life.get();
         if let Some(successor) = life.successor() {
-            if !self
-                .manager_told
-                .swap(true, std::sync::atomic::Ordering::SeqCst)
-            {
+            let mut told = lock(&self.manager_told);
+            if !*told {
+                *told = true;
                 self.upstream.send(&format!("MAINPID={successor}"));
-                if let Some(channel) = &*lock(&self.successor_channel) {
-                    let _ = channel.send(crate::channel::MAIN);
+                if let Some(link) = &*lock(&self.successor) {
+                    let _ = link.channel.send(crate::channel::MAIN);
                 }
             }
             return;

@@ -23,6 +23,7 @@ mod launch;
 mod lifecycle;
 mod listen;
 mod notify;
+mod pidfd;
 mod pidfile;
 mod readiness;
 mod report;

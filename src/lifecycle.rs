@@ -252,17 +252,36 @@ impl Lifecycle {
         .is_ok()
     }
 
-    /// A `SIGHUP` arrived in the probation, to pass on to the successor.
-    /// False (nothing to do) outside the probation or while one is passed on.
-    pub(crate) fn begin_passing_hangup(&self) -> bool {
-        self.apply(|life| match life.phase {
-            Phase::HandedOver { .. } if !life.passing_hangup && !life.probation_over => {
-                life.passing_hangup = true;
-                Ok(())
+    /// A `SIGHUP` for a process that handed over and is still systemd's
+    /// main process (in its probation or drain, or about to exit): it is
+    /// for the successor. The handover becomes final at once (`HandedOver →
+    /// Stopping`): systemd hears `MAINPID=` of the successor before it gets
+    /// the signal, and after that this process must never take the sockets
+    /// back. The successor to pass it to; `None` while one is passed on
+    /// already, or with no successor.
+    pub(crate) fn begin_passing_hangup(&self) -> Option<u32> {
+        self.apply(|life| {
+            if life.passing_hangup {
+                return Err(());
             }
-            _ => Err(()),
+            let successor = match life.phase {
+                Phase::HandedOver { successor } => {
+                    life.phase = Phase::Stopping {
+                        reason: StopReason::Upgraded { successor },
+                        successor: Some(successor),
+                    };
+                    successor
+                }
+                Phase::Stopping {
+                    successor: Some(successor),
+                    ..
+                } => successor,
+                _ => return Err(()),
+            };
+            life.passing_hangup = true;
+            Ok(successor)
         })
-        .is_ok()
+        .ok()
     }
 
     /// The `SIGHUP` was passed on, and with it the probation is over.

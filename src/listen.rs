@@ -27,7 +27,7 @@ impl Handoff {
             bind().map_err(|source| Error::Bind {
                 name: name.to_owned(),
                 addr: shown.clone(),
-                source,
+                source: with_dual_stack_hint(source, &wanted.addr),
             })
         })?;
         tracing::debug!(
@@ -38,6 +38,16 @@ impl Handoff {
             "listening"
         );
         Ok(claimed.fd)
+    }
+
+    /// Whether claiming `name` at `addr` would take an inherited socket
+    /// rather than bind one.
+    pub(crate) fn inherits(&self, name: &str, kind: FdKind, addr: SocketAddr) -> bool {
+        let wanted = Wanted {
+            kind,
+            addr: LocalAddr::Inet(addr),
+        };
+        lock(&self.inner.registry).inherits(name, &wanted)
     }
 
     /// A listening TCP socket named `name` bound to `addr` (IPv4 or IPv6), as
@@ -223,6 +233,27 @@ impl Handoff {
                 .map_err(|e| Error::io(format!("cannot open the fd {name:?}"), e))
         })?;
         Ok(claimed.fd)
+    }
+}
+
+/// An address in use on a wildcard may be a dual-stack `[::]` socket on the
+/// same port (the system's default, and std's): say so.
+fn with_dual_stack_hint(error: io::Error, addr: &LocalAddr) -> io::Error {
+    match addr {
+        LocalAddr::Inet(addr)
+            if error.kind() == io::ErrorKind::AddrInUse && addr.ip().is_unspecified() =>
+        {
+            let port = addr.port();
+            io::Error::new(
+                error.kind(),
+                format!(
+                    "{error}; note that [::]:{port} is dual-stack unless bound IPv6-only, so it \
+                     also holds 0.0.0.0:{port}: to listen on both, bind IPv6 sockets IPv6-only \
+                     (Builder::ipv6_only, handoff run --ipv6-only) or listen on [::] alone"
+                ),
+            )
+        }
+        _ => error,
     }
 }
 

@@ -62,30 +62,52 @@ impl Handoff {
 
     /// The handover is final: systemd learns the successor's PID, and this
     /// process waits until systemd has processed that (`BARRIER=1`) so that it
-    /// never sees its main process exit. Once per process.
+    /// never sees its main process exit. Once per process; a second caller
+    /// waits for the first's telling to be over.
     pub(crate) async fn tell_handover(&self, successor: u32) {
-        if self
-            .inner
-            .manager_told
-            .swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
-            return;
-        }
-        let upstream = &self.inner.upstream;
-        let next = self.inner.generation + 1;
-        let sent = upstream.send(&format!(
-            "MAINPID={successor}\nSTATUS=Serving, generation {next} (pid {successor})"
-        ));
-        if sent && !upstream.barrier(BARRIER_TIMEOUT).await {
+        let inner = &self.inner;
+        inner
+            .handover_told
+            .get_or_init(|| self.handover(successor))
+            .await;
+    }
+
+    async fn handover(&self, successor: u32) {
+        let inner = &self.inner;
+        // A successor that upgraded in turn before its parent handed over
+        // to it is not main yet: systemd would refuse its MAINPID=.
+        if !inner.watchdog.wait_main(BARRIER_TIMEOUT).await {
             tracing::warn!(
-                pid = self.inner.pid,
+                pid = inner.pid,
+                successor,
+                "systemd does not know this process as its main process yet; telling it MAINPID= anyway"
+            );
+        }
+        let next = inner.generation + 1;
+        let sent = {
+            let mut told = lock(&inner.manager_told);
+            *told = true;
+            // The last ping, in the message that hands over: systemd checks
+            // the sender once, as the main process it still is.
+            let ping = if inner.watchdog.timeout().is_some() {
+                "WATCHDOG=1\n"
+            } else {
+                ""
+            };
+            inner.upstream.send(&format!(
+                "MAINPID={successor}\n{ping}STATUS=Serving, generation {next} (pid {successor})"
+            ))
+        };
+        if sent && !inner.upstream.barrier(BARRIER_TIMEOUT).await {
+            tracing::warn!(
+                pid = inner.pid,
                 successor,
                 "systemd did not confirm MAINPID= in time"
             );
         }
-        // The successor's turn to ping the watchdog.
-        if let Some(channel) = &*lock(&self.inner.successor_channel) {
-            let _ = channel.send(crate::channel::MAIN);
+        // The successor's turn to be main (and ping the watchdog).
+        if let Some(link) = &*lock(&inner.successor) {
+            let _ = link.channel.send(crate::channel::MAIN);
         }
     }
 

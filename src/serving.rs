@@ -85,15 +85,23 @@ impl Handoff {
         let Some(parent) = self.inner.parent_channel.get() else {
             return;
         };
-        let mut committed = false;
+        let (mut committed, mut main) = (false, false);
         loop {
             match parent.recv().await {
                 Ok(Some(message)) if !committed && message.has(channel::COMMITTED) => {
                     committed = true;
                     self.become_serving();
+                    if main {
+                        return self.inner.watchdog.became_main();
+                    }
                 }
-                Ok(Some(message)) if committed && message.has(channel::MAIN) => {
-                    return self.inner.watchdog.became_main();
+                // Kept if it overtook COMMITTED=1 (a handover right at the
+                // commit): this process is main once it serves.
+                Ok(Some(message)) if message.has(channel::MAIN) => {
+                    main = true;
+                    if committed {
+                        return self.inner.watchdog.became_main();
+                    }
                 }
                 Ok(None) | Err(_) if committed => {
                     // The parent exited; it told systemd first.

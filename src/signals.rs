@@ -7,7 +7,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinHandle;
 
 use crate::error::UpgradeError;
-use crate::handoff::{Handoff, StopReason};
+use std::os::fd::AsFd;
+
+use nix::sys::signal::Signal;
+
+use crate::handoff::{lock, Handoff, StopReason};
 
 impl Handoff {
     /// Installs the standard handler and returns its task:
@@ -91,13 +95,19 @@ impl Handoff {
                     "SIGHUP kept: the upgrade runs once this process serves"
                 );
             }
-            Err(UpgradeError::AlreadyUpgraded { successor })
-                if self.inner.life.begin_passing_hangup() =>
-            {
-                let handoff = self.clone();
-                tokio::spawn(async move { handoff.pass_on_hangup(successor).await });
+            Err(UpgradeError::AlreadyUpgraded { .. }) => {
+                match self.inner.life.begin_passing_hangup() {
+                    Some(successor) => {
+                        let handoff = self.clone();
+                        tokio::spawn(async move { handoff.pass_on_hangup(successor).await });
+                    }
+                    None => tracing::info!(
+                        pid,
+                        "SIGHUP ignored: one is being passed on to the successor"
+                    ),
+                }
             }
-            Err(reason @ (UpgradeError::InProgress | UpgradeError::AlreadyUpgraded { .. })) => {
+            Err(reason @ UpgradeError::InProgress) => {
                 tracing::info!(pid, %reason, "SIGHUP ignored");
             }
             Err(reason @ (UpgradeError::Pid1 | UpgradeError::GenerationLimit { .. })) => {
@@ -113,18 +123,29 @@ impl Handoff {
     }
 
     /// A `SIGHUP` for a process that handed over but is still systemd's main
-    /// process (its probation runs): the request is for the service, so
-    /// systemd learns the successor's PID (so that it accepts the
-    /// successor's `RELOADING=1`), the successor gets the signal (and
-    /// upgrades, keeping it until it serves if need be), and only then does
-    /// the probation end. [`Handoff::finish`] waits for that, so this
-    /// process does not exit before the signal is passed on, even if the
-    /// probation's timer ends meanwhile.
+    /// process (in its probation or drain): the request is for the service.
+    /// The handover is final already (see `begin_passing_hangup`); systemd
+    /// learns the successor's PID (so that it accepts the successor's
+    /// `RELOADING=1`), then the successor gets the signal through its pidfd
+    /// (and upgrades, keeping it until it serves if need be).
+    /// [`Handoff::finish`] waits until then, so this process does not exit
+    /// before the signal is passed on.
     async fn pass_on_hangup(&self, successor: u32) {
         let pid = self.inner.pid;
         self.tell_handover(successor).await;
-        let target = nix::unistd::Pid::from_raw(successor as i32);
-        match nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGHUP) {
+        let sent = match lock(&self.inner.successor)
+            .as_ref()
+            .and_then(|l| l.pidfd.as_ref())
+        {
+            Some(pidfd) => crate::pidfd::send_signal(pidfd.as_fd(), Signal::SIGHUP),
+            // Between the commit and taking its pidfd: still our child, not
+            // reaped, so its PID is still its own.
+            None => {
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(successor as i32), Signal::SIGHUP)
+                    .map_err(std::io::Error::from)
+            }
+        };
+        match sent {
             Ok(()) => tracing::info!(pid, successor, "SIGHUP passed on to the successor"),
             Err(error) => {
                 tracing::warn!(pid, successor, %error, "cannot pass SIGHUP on to the successor")

@@ -15,7 +15,7 @@ use nix::sys::socket::{
 };
 
 /// The kinds of fd the registry hands out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FdKind {
     /// A listening TCP socket (IPv4 or IPv6).
     TcpListener,

@@ -688,6 +688,11 @@ impl Successor {
         self.pid.as_raw() as u32
     }
 
+    /// A copy of its pidfd, to signal it later without naming a PID.
+    pub(crate) fn pidfd(&self) -> io::Result<OwnedFd> {
+        self.pidfd.get_ref().try_clone()
+    }
+
     /// Resolves once the successor exited, and reaps it (the wait returns at
     /// once then); returns how it ended.
     pub(crate) async fn exited(&self) -> Option<WaitStatus> {

@@ -119,11 +119,16 @@ impl Handoff {
         let inner = &self.inner;
         let life = inner
             .life
-            .wait(|l| match l.phase {
-                Phase::HandedOver { .. } => l.probation_over && !l.passing_hangup,
-                // An upgrade cut short by a stop ends (its candidate stopped
-                // and reaped, the outcome reported) before the process exits.
-                _ => !l.upgrade_in_flight,
+            .wait(|l| {
+                let settled = match l.phase {
+                    Phase::HandedOver { .. } => l.probation_over,
+                    // An upgrade cut short by a stop ends (its candidate
+                    // stopped and reaped, the outcome reported) before the
+                    // process exits.
+                    _ => !l.upgrade_in_flight,
+                };
+                // Nor does it exit while a SIGHUP is passed on.
+                settled && !l.passing_hangup
             })
             .await;
         if life.accepting() || matches!(life.phase, Phase::Starting | Phase::Readying) {
@@ -134,6 +139,8 @@ impl Handoff {
             self.tell_handover(successor).await;
             // The successor holds the sockets now; the paths stay its own.
             lock(&inner.registry).release();
+            // A SIGHUP that came while systemd was being told goes on first.
+            inner.life.wait(|l| !l.passing_hangup).await;
         }
         Finish::Exit
     }

@@ -19,7 +19,7 @@ use crate::env::{
 };
 use crate::error::UpgradeError;
 use crate::escape::Escaped;
-use crate::handoff::{lock, Handoff};
+use crate::handoff::{lock, Handoff, SuccessorLink};
 use crate::lifecycle::Phase;
 use crate::spawn::{exit_error, spawn, Child, SpawnSpec, Successor};
 use crate::watchdog::{WATCHDOG_PID, WATCHDOG_USEC};
@@ -177,7 +177,15 @@ async fn drive(handoff: Handoff, reply: oneshot::Sender<Result<u32, UpgradeError
         Err(error) => return failed(&handoff, error, reply),
     };
     let pid = successor.pid();
+    // Before the commit: from the commit on, a handover (and its MAIN=1)
+    // or a SIGHUP to pass on may come at any moment.
+    let parent = std::sync::Arc::new(parent);
+    *lock(&inner.successor) = Some(SuccessorLink {
+        channel: parent.clone(),
+        pidfd: None,
+    });
     if !inner.life.commit(pid) {
+        *lock(&inner.successor) = None;
         // A stop won the race with the commit: the successor must go.
         let status = successor.terminate(inner.kill_grace).await;
         tracing::debug!(
@@ -197,8 +205,9 @@ async fn drive(handoff: Handoff, reply: oneshot::Sender<Result<u32, UpgradeError
             reply,
         );
     };
-    let parent = std::sync::Arc::new(parent);
-    *lock(&inner.successor_channel) = Some(parent.clone());
+    if let Some(link) = lock(&inner.successor).as_mut() {
+        link.pidfd = successor.pidfd().ok();
+    }
     if let Err(error) = parent.send(channel::COMMITTED) {
         // It died just now; the watch below sees its exit and takes back.
         tracing::warn!(successor = pid, %error, "cannot tell the successor it took over");

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::handoff::Handoff;
+use crate::handoff::{lock, Handoff};
 
 /// `WATCHDOG_USEC`: the timeout systemd set.
 pub(crate) const WATCHDOG_USEC: &str = "WATCHDOG_USEC";
@@ -62,6 +62,15 @@ impl Watchdog {
     /// systemd knows this process as the main one now.
     pub(crate) fn became_main(&self) {
         self.main.send_replace(true);
+    }
+
+    /// Waits at most `timeout` until this process is the main one; whether
+    /// it is.
+    pub(crate) async fn wait_main(&self, timeout: Duration) -> bool {
+        let mut main = self.main.subscribe();
+        tokio::time::timeout(timeout, main.wait_for(|main| *main))
+            .await
+            .is_ok_and(|seen| seen.is_ok())
     }
 }
 
@@ -126,11 +135,16 @@ impl Handoff {
             if main.wait_for(|main| *main).await.is_err() {
                 return;
             }
-            if inner.manager_told.load(Ordering::SeqCst) {
-                tracing::debug!(pid = inner.pid, "handed over: no more watchdog pings");
-                return;
+            {
+                // Checked and sent under the lock the handover takes: no
+                // ping can follow this process's own MAINPID=.
+                let told = lock(&inner.manager_told);
+                if *told {
+                    tracing::debug!(pid = inner.pid, "handed over: no more watchdog pings");
+                    return;
+                }
+                self.notify("WATCHDOG=1");
             }
-            self.notify("WATCHDOG=1");
             tokio::time::sleep(every).await;
         }
     }

@@ -59,24 +59,41 @@ fn handoff_run_listens_at_a_host_name_and_says_where() {
         &[],
         &[&server, "--listen", "{addr}"],
     );
-    // The resolver's first address for localhost, where the socket must be.
-    let first = ("localhost", sup.addr.port())
-        .to_socket_addrs()
-        .expect("localhost resolves")
-        .next()
-        .expect("an address for localhost");
-    let pid = wait_answer(first, || sup.log());
-    assert_ne!(pid, 0);
-    let log = sup.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("listening") && l.contains("listener=web"))
-        .unwrap_or_else(|| panic!("no line says where web listens:\n{log}"));
+    // The line that says where it listens, and it is one of localhost's.
+    let deadline = Instant::now() + DEADLINE;
+    let line = loop {
+        let log = sup.log();
+        if let Some(line) = log
+            .lines()
+            .find(|l| l.contains("listening") && l.contains("listener=web"))
+        {
+            break line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no line says where web listens:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert!(
-        line.contains(&format!("asked=localhost:{}", sup.addr.port()))
-            && line.contains(&format!("addr={first}")),
+        line.contains(&format!("asked=localhost:{}", sup.addr.port())),
         "{line}"
     );
+    let first: SocketAddr = line
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("addr="))
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("no addr= in {line}"));
+    let resolved: Vec<SocketAddr> = ("localhost", sup.addr.port())
+        .to_socket_addrs()
+        .expect("localhost resolves")
+        .collect();
+    assert!(
+        resolved.contains(&first),
+        "{first} is not one of {resolved:?}"
+    );
+    let pid = wait_answer(first, || sup.log());
+    assert_ne!(pid, 0);
     // The child got it under the supervisor's name, at its own address.
     let out = sup.upgrade();
     assert!(

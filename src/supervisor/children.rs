@@ -3,7 +3,7 @@
 //! PID found here cannot have been recycled (only reaping frees it), and
 //! signals go through its pidfd, which names that process and no other.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
 
 use nix::sys::signal::{killpg, Signal};
@@ -37,19 +37,8 @@ pub(super) struct Child {
 impl Child {
     /// Sends `signal` to this very process (through its pidfd).
     pub fn signal(&self, signal: Signal) {
-        // SAFETY: pidfd_send_signal takes a pidfd we own, a signal number,
-        // no siginfo and no flags.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.as_raw_fd(),
-                signal as libc::c_int,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        if rc < 0 {
-            tracing::debug!(pid = self.pid, %signal, error = %std::io::Error::last_os_error(), "signal not delivered");
+        if let Err(error) = crate::pidfd::send_signal(self.pidfd.as_fd(), signal) {
+            tracing::debug!(pid = self.pid, %signal, %error, "signal not delivered");
         }
     }
 

@@ -13,6 +13,7 @@
 pub mod events;
 pub mod http;
 pub mod load;
+pub mod notify;
 pub mod peers;
 pub mod process;
 pub mod supervised;
