@@ -11,7 +11,10 @@
 //! request, a child reaped, a readiness verdict, a timer). Waiting for a
 //! child to get ready runs in a task that reports back, so the loop always
 //! answers: `status` during a crash loop, `upgrade` to deploy the fix,
-//! `SIGTERM` to stop.
+//! `SIGTERM` to stop. The loop's methods live by concept in `candidates`
+//! (starting a child and its verdict), `stopping` (retiring, deadlines,
+//! stop), `status` (what `handoff status` and systemd hear) and `watchdog`;
+//! the loop itself, a child's exit and upgrades are here.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,23 +24,23 @@ use nix::sys::signal::Signal;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::control::{Command, Generation, Response, Status};
-use crate::env::NOTIFY_SOCKET;
-use crate::launch::{logical_cwd, resolve_program};
+use crate::control::{Command, Response};
+use crate::launch::logical_cwd;
 use crate::notify::{monotonic_usec, NotifyListener};
 use crate::readiness::Inbox;
 pub use crate::readiness::{parse_duration, Ready};
-use crate::spawn::{spawn, SpawnSpec};
-use crate::watchdog::{WATCHDOG_PID, WATCHDOG_USEC};
 use crate::Handoff;
 
 pub(crate) mod accepted_by;
+mod candidates;
 mod children;
 mod config;
 mod control_socket;
 mod listeners;
 mod reaper;
 mod restarts;
+mod status;
+mod stopping;
 mod watchdog;
 
 use children::{Children, State};
@@ -279,205 +282,6 @@ impl Loop {
         }
     }
 
-    /// Spawns a child of the next generation and starts its readiness
-    /// check. A spawn that fails counts as a failed start.
-    fn start_candidate(&mut self, upgrade: bool, replies: Vec<oneshot::Sender<Response>>) {
-        let generation = self.next_generation;
-        self.next_generation += 1;
-        let spawned = self.spawn_child();
-        let (pid, pidfd) = match spawned {
-            Ok(child) => child,
-            Err(why) => {
-                let candidate = Candidate {
-                    id: 0,
-                    check: tokio::spawn(async {}),
-                    upgrade,
-                    replies,
-                    failed: None,
-                    ready_at: None,
-                };
-                self.candidate_failed(candidate, why);
-                return;
-            }
-        };
-        // A READY=1 that an earlier process with this PID sent means nothing.
-        self.inbox.forget(pid);
-        let id = self.children.add(pid, pidfd, generation);
-        tracing::info!(pid, generation, upgrade, "child started");
-        let (ready, inbox, verdicts) = (
-            self.config.ready.clone(),
-            self.inbox.clone(),
-            self.verdicts.clone(),
-        );
-        let timeout = self.config.upgrade_timeout;
-        let expected = match &ready {
-            Ready::Notify => "it never sent READY=1 to $NOTIFY_SOCKET (sd_notify); a server that \
-                              cannot send it can be run with --ready delay=DUR or --ready http=URL"
-                .to_owned(),
-            Ready::Delay(delay) => format!("--ready delay={delay:?}"),
-            Ready::Http { authority, path } => {
-                format!("GET http://{authority}{path} never answered 2xx from the new process; answers of other processes on a shared socket do not count")
-            }
-        };
-        let check = tokio::spawn(async move {
-            let verdict = tokio::select! {
-                () = ready.wait(pid, &inbox) => Verdict::Ready(id),
-                () = tokio::time::sleep(timeout) => Verdict::TooSlow(id, format!(
-                    "the new process (pid {pid}) was not ready within {timeout:?} ({expected}); it was killed"
-                )),
-            };
-            let _ = verdicts.send(verdict);
-        });
-        self.candidate = Some(Candidate {
-            id,
-            check,
-            upgrade,
-            replies,
-            failed: None,
-            ready_at: None,
-        });
-    }
-
-    fn spawn_child(&self) -> Result<(u32, std::os::fd::OwnedFd), String> {
-        // Resolved at each start, so a deploy that replaced the binary (or
-        // a PATH entry) is what runs; missing is missing however named.
-        let first = &self.config.command[0];
-        let program = resolve_program(first, &self.cwd)
-            .ok_or_else(|| format!("{}: not found in PATH", first.to_string_lossy()))?;
-        let mut env = vec![
-            (NOTIFY_SOCKET, self.notify_addr.clone().into()),
-            ("PWD", self.cwd.clone().into_os_string()),
-        ];
-        // The watchdog passes on to the child, as systemd would set it.
-        let mut pid_vars = Vec::new();
-        if let Some(timeout) = self.handoff.watchdog_timeout() {
-            env.push((WATCHDOG_USEC, timeout.as_micros().to_string().into()));
-            pid_vars.push(WATCHDOG_PID);
-        }
-        let registry = crate::handoff::lock(&self.handoff.inner.registry);
-        let child = spawn(&SpawnSpec {
-            program: &program,
-            args: &self.config.command,
-            cwd: &self.cwd,
-            fds: registry.handoff_fds(),
-            channel: None,
-            env,
-            // Any program reads LISTEN_FDNAMES, so it must fit.
-            vars_fd: false,
-            ignore_sighup: false,
-            // Killed with SIGKILL, the supervisor leaves no orphan holding
-            // the sockets: its children get the stop signal and drain.
-            parent_death_signal: Some(self.config.stop_signal),
-            pid_vars,
-        })
-        .map_err(|e| e.to_string())?;
-        drop(registry);
-        match child.into_pidfd() {
-            (pid, Some(pidfd)) => Ok((pid, pidfd)),
-            (pid, None) => Err(format!("no pidfd for the new process (pid {pid})")),
-        }
-    }
-
-    fn on_verdict(&mut self, verdict: Verdict) {
-        match verdict {
-            Verdict::Ready(id) if self.candidate.as_ref().is_some_and(|c| c.id == id) => {
-                // --min-uptime keeps an old child serving beside the new
-                // one; with none serving (the first start, a restart) the
-                // new one serves at once.
-                if self.config.min_uptime.is_zero() || self.serving.is_none() {
-                    if let Some(candidate) = self.candidate.take() {
-                        self.candidate_ready(candidate);
-                    }
-                } else if let Some(candidate) = self.candidate.as_mut() {
-                    tracing::info!(min_uptime = ?self.config.min_uptime, "new child ready; it takes over once it has lived --min-uptime");
-                    candidate.ready_at = Some(Instant::now());
-                }
-            }
-            Verdict::TooSlow(id, why) => {
-                if let Some(candidate) = self.candidate.as_mut().filter(|c| c.id == id) {
-                    candidate.failed = Some(why);
-                    if let Some(child) = self.children.get(id) {
-                        child.kill_group();
-                    }
-                }
-            }
-            // A verdict on a child that is gone already.
-            Verdict::Ready(_) => {}
-        }
-    }
-
-    /// The candidate is ready: it serves from now on, and whichever child
-    /// serves at this moment (not when the upgrade began) retires.
-    fn candidate_ready(&mut self, candidate: Candidate) {
-        let id = candidate.id;
-        let Some(child) = self.children.get_mut(id) else {
-            return;
-        };
-        child.state = State::Serving;
-        let (pid, generation) = (child.pid, child.generation);
-        if let Some(old) = self.serving.replace(id) {
-            self.retire(old);
-        }
-        self.restarts.served();
-        if !self.told_ready {
-            // The first child that serves: now the supervisor is ready.
-            self.told_ready = true;
-            if let Err(error) = self.handoff.ready() {
-                tracing::warn!(%error, "cannot report ready");
-            }
-        }
-        if candidate.upgrade {
-            self.upgrades_done += 1;
-            tracing::info!(pid, generation, "upgrade succeeded");
-        } else {
-            tracing::info!(pid, generation, "child serving");
-        }
-        for reply in candidate.replies {
-            let _ = reply.send(Response::upgraded(pid, generation));
-        }
-        self.status_line();
-        self.run_queued_upgrade();
-    }
-
-    /// Starts the upgrade that waited for the first child, if any.
-    fn run_queued_upgrade(&mut self) {
-        if let Some(replies) = self.queued_upgrade.take() {
-            if replies.is_empty() {
-                self.upgrade(None);
-            }
-            for reply in replies {
-                // One upgrade; later replies are refused as "in flight".
-                self.upgrade(Some(reply));
-            }
-        }
-    }
-
-    /// The candidate failed (exited, too slow, or could not be spawned).
-    fn candidate_failed(&mut self, candidate: Candidate, why: String) {
-        candidate.check.abort();
-        if candidate.upgrade {
-            self.upgrades_failed += 1;
-            self.last_failure = Some(why.clone());
-        }
-        for reply in candidate.replies {
-            let _ = reply.send(Response::error(why.clone()));
-        }
-        self.last_error = Some(why.clone());
-        if self.stopping.is_some() {
-            return;
-        }
-        if self.serving.is_some() {
-            tracing::error!(error = %why, "upgrade failed; the old child keeps serving");
-        } else {
-            tracing::error!(error = %why, "child did not start");
-            self.handoff
-                .notify(&format!("STATUS=Starting failed ({why}); retrying"));
-            self.schedule_restart();
-        }
-        self.status_line();
-        self.run_queued_upgrade();
-    }
-
     fn on_reaped(&mut self, pid: u32, code: i32) {
         let Some(child) = self.children.reaped(pid) else {
             tracing::debug!(pid, code, "reaped an orphan");
@@ -610,164 +414,6 @@ impl Loop {
             monotonic_usec()
         ));
         self.start_candidate(true, reply.into_iter().collect());
-    }
-
-    /// Asks child `id` to drain and exit; kills its group at the drain deadline.
-    fn retire(&mut self, id: u64) {
-        let (stop_signal, drain_timeout) = (self.config.stop_signal, self.config.drain_timeout);
-        if let Some(child) = self.children.get_mut(id) {
-            child.state = State::Retiring {
-                deadline: Some(Instant::now() + drain_timeout),
-            };
-            child.signal_group(stop_signal);
-        }
-    }
-
-    /// Kills the retiring children whose drain deadline passed.
-    fn kill_overdue(&mut self) {
-        let now = Instant::now();
-        for child in self.children.iter_mut() {
-            if let State::Retiring {
-                deadline: Some(deadline),
-            } = child.state
-            {
-                if deadline <= now {
-                    tracing::warn!(
-                        pid = child.pid,
-                        "child did not exit within the drain timeout; SIGKILL"
-                    );
-                    child.kill_group();
-                    child.state = State::Retiring { deadline: None };
-                }
-            }
-        }
-    }
-
-    /// Forgets remnant groups that are gone; kills those past their deadline.
-    fn check_remnants(&mut self) {
-        let now = Instant::now();
-        self.remnants.retain(|&(pgid, deadline)| {
-            if deadline <= now {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pgid as i32),
-                    Signal::SIGKILL,
-                );
-            }
-            group_alive(pgid)
-        });
-    }
-
-    /// Stops every child with the stop signal; a second stop kills them.
-    fn stop(&mut self, name: &str) {
-        if self.stopping.is_some() {
-            tracing::warn!(signal = name, "second stop signal: killing now");
-            self.kill_all();
-            return;
-        }
-        tracing::info!(
-            reason = name,
-            "stopping: the stop signal goes to every child"
-        );
-        self.handoff.notify("STOPPING=1\nSTATUS=Stopping");
-        self.stopping = Some(Stopping {
-            deadline: Instant::now() + self.config.drain_timeout,
-        });
-        self.restart_at = None;
-        if let Some(candidate) = self.candidate.take() {
-            candidate.check.abort();
-            for reply in candidate.replies {
-                let _ = reply.send(Response::error("stopping"));
-            }
-        }
-        for reply in self.queued_upgrade.take().into_iter().flatten() {
-            let _ = reply.send(Response::error("stopping"));
-        }
-        let stop_signal = self.config.stop_signal;
-        for child in self.children.iter_mut() {
-            child.signal_group(stop_signal);
-            if child.state != State::Serving {
-                child.state = State::Retiring { deadline: None };
-            }
-        }
-        // No child starts any more: our copies of the sockets would only keep
-        // them open after the children stop accepting, leaving new clients
-        // in a backlog nobody accepts until we exit, instead of refused. (The
-        // paths we bound stay recorded, to unlink at the end.)
-        crate::handoff::lock(&self.handoff.inner.registry).close_all();
-    }
-
-    fn kill_all(&mut self) {
-        for child in self.children.iter() {
-            child.kill_group();
-        }
-        for (_, deadline) in &mut self.remnants {
-            *deadline = Instant::now();
-        }
-        self.check_remnants();
-    }
-
-    fn forward(&self, signal: Signal) {
-        if let Some(child) = self.serving.and_then(|id| self.children.get(id)) {
-            child.signal(signal);
-        }
-    }
-
-    fn status(&self) -> Status {
-        let listeners: Vec<String> = self.config.listen.iter().map(|(n, _)| n.clone()).collect();
-        Status {
-            pid: std::process::id(),
-            generations: self
-                .children
-                .iter()
-                .map(|c| Generation {
-                    pid: c.pid,
-                    generation: c.generation,
-                    state: c.reported_state(),
-                    age_secs: c.started.elapsed().as_secs_f64(),
-                    connections: None,
-                    listeners: listeners.clone(),
-                })
-                .collect(),
-            upgrades_done: self.upgrades_done,
-            upgrades_failed: self.upgrades_failed,
-            last_failure: self.last_failure.clone(),
-            restarts: self.restarts.count(Instant::now()) as u64,
-            last_error: self.last_error.clone(),
-            next_restart_in_secs: self
-                .restart_at
-                .map(|at| at.saturating_duration_since(Instant::now()).as_secs_f64()),
-        }
-    }
-
-    /// `READY=1` and a status line for systemd (ends a reload, too).
-    fn status_line(&self) {
-        if self.stopping.is_some() {
-            return;
-        }
-        // READY=1 only once a child served: before, systemd must go on
-        // waiting (TimeoutStartSec=), not start what depends on us.
-        let ready = if self.told_ready { "READY=1\n" } else { "" };
-        self.handoff
-            .notify(&format!("{ready}STATUS={}", self.status_text()));
-    }
-
-    /// What `STATUS=` says: who serves, what it says itself, the last
-    /// failed upgrade.
-    fn status_text(&self) -> String {
-        let serving = self.serving.and_then(|id| self.children.get(id));
-        let mut status = match serving {
-            Some(c) => format!("Serving, generation {} (pid {})", c.generation, c.pid),
-            None => "No child serving".to_owned(),
-        };
-        if let Some(child_says) = serving.and_then(|c| self.inbox.status_of(c.pid)) {
-            status.push_str("; it says: ");
-            status.push_str(&child_says);
-        }
-        if let Some(failure) = &self.last_failure {
-            status.push_str("; last upgrade failed: ");
-            status.push_str(failure);
-        }
-        status
     }
 }
 
