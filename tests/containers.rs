@@ -273,28 +273,7 @@ fn handoff_run_as_pid_1_upgrades_in_place_reaps_orphans_and_stops_like_a_pod() {
         });
     let second = ready.num("pid");
     // The orphan appears under PID 1, exits, and must not stay a zombie.
-    let deadline = Instant::now() + DEADLINE;
-    let mut seen = false;
-    loop {
-        let orphans: Vec<_> = common::all_processes()
-            .into_iter()
-            .filter(|p| p.ppid == pid1 && p.comm == "sleep")
-            .collect();
-        seen |= !orphans.is_empty();
-        if seen && orphans.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "orphans under PID 1: {:?}",
-            orphans.iter().map(|p| (p.pid, p.state)).collect::<Vec<_>>()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        common::zombie_children(pid1).is_empty(),
-        "no zombie under PID 1"
-    );
+    common::wait_orphan_reaped(pid1, "sleep");
     // The old child drains and exits; its lame duck answers the readiness
     // probes it happens to accept on the shared socket meanwhile.
     let (mut ready_200, mut ready_503) = (0, 0);

@@ -173,28 +173,7 @@ fn as_pid_1_it_reaps_orphans_and_drains_on_sigterm() {
     let out = sup.upgrade();
     assert!(out.status.success(), "{}", text(&out.stderr));
     // The orphan appears under PID 1, exits, and must not stay a zombie.
-    let deadline = Instant::now() + DEADLINE;
-    let mut seen = false;
-    loop {
-        let orphans: Vec<_> = common::all_processes()
-            .into_iter()
-            .filter(|p| p.ppid == pid1 && p.comm == "sleep")
-            .collect();
-        seen |= !orphans.is_empty();
-        if seen && orphans.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "orphans under PID 1: {:?}",
-            orphans.iter().map(|p| (p.pid, p.state)).collect::<Vec<_>>()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        common::zombie_children(pid1).is_empty(),
-        "no zombie under PID 1"
-    );
+    common::wait_orphan_reaped(pid1, "sleep");
     // SIGTERM: the child drains and exits 0, and so does the supervisor.
     common::signal(pid1, libc::SIGTERM);
     assert_eq!(wait_exit(unshare, DEADLINE), Some(Some(0)), "{}", sup.log());

@@ -116,20 +116,7 @@ fn scenario(variant: &Variant, systemd_root: Option<&Path>) {
         let new: u32 = if variant.supervised {
             // The supervisor stays; the child answering new connections changes.
             assert_eq!(sandbox.show(service, "MainPID"), supervisor.to_string());
-            let deadline = Instant::now() + DEADLINE;
-            loop {
-                let pid = get(addr, "/")
-                    .expect("GET / after a reload")
-                    .pid()
-                    .unwrap_or(0);
-                if pid != main {
-                    break pid;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "reload {round}: still served by {main}"
-                );
-            }
+            served_by_other_than(addr, main, round)
         } else {
             if variant.reload_waits {
                 // The reload returns once the successor serves: systemd has
@@ -246,6 +233,25 @@ fn scenario(variant: &Variant, systemd_root: Option<&Path>) {
     assert_eq!((response.status, response.pid()), (200, Some(main)));
     assert_eq!(sandbox.show(service, "ActiveState"), "inactive");
     assert_eq!(sandbox.show(service, "Result"), "success");
+}
+
+/// Waits until a new connection to `addr` is answered by a process other
+/// than `old` (after reload `round`); that process.
+fn served_by_other_than(addr: SocketAddr, old: u32, round: usize) -> u32 {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let pid = get(addr, "/")
+            .expect("GET / after a reload")
+            .pid()
+            .unwrap_or(0);
+        if pid != old {
+            return pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "reload {round}: still served by {old}"
+        );
+    }
 }
 
 /// A new version that crashes 50 ms after it said ready, under load: the old
@@ -420,19 +426,7 @@ fn minimal_units(supervised: bool) {
         sandbox.ctl_ok(&["reload", service]);
         let deadline = Instant::now() + DEADLINE;
         // Each address reaches the new generation (fresh connections).
-        let new = loop {
-            let pid = get(a, "/")
-                .expect("GET / after a reload")
-                .pid()
-                .unwrap_or(0);
-            if pid != main {
-                break pid;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "reload {round}: still served by {main}"
-            );
-        };
+        let new = served_by_other_than(a, main, round);
         while get(b, "/").expect("GET / on the second address").pid() != Some(new) {
             assert!(
                 Instant::now() < deadline,

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::COUNTER;
+use super::{COUNTER, DEADLINE};
 
 /// Makes this test process the reaper of orphaned descendants.
 pub fn become_subreaper() {
@@ -117,6 +117,30 @@ pub fn is_zombie(pid: u32) -> bool {
 }
 
 /// Children of `pid` that are zombies.
+/// Waits until an orphan named `comm` has appeared under `init` (a PID 1)
+/// and is gone again, and checks that `init` left no zombie: it reaped it.
+pub fn wait_orphan_reaped(init: u32, comm: &str) {
+    let deadline = Instant::now() + DEADLINE;
+    let mut seen = false;
+    loop {
+        let orphans: Vec<_> = all_processes()
+            .into_iter()
+            .filter(|p| p.ppid == init && p.comm == comm)
+            .collect();
+        seen |= !orphans.is_empty();
+        if seen && orphans.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "orphans under PID 1: {:?}",
+            orphans.iter().map(|p| (p.pid, p.state)).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(zombie_children(init).is_empty(), "no zombie under PID 1");
+}
+
 pub fn zombie_children(pid: u32) -> Vec<u32> {
     all_processes()
         .into_iter()
