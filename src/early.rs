@@ -82,9 +82,9 @@ fn mark_inherited_cloexec(values: &Snapshot) {
         return;
     }
     // The channel follows the fds, and the memfd of long variables (see
-    // env.rs) the channel.
+    // vars_memfd.rs) the channel.
     let channel = u32::from(get(HANDOFF_CHANNEL_FD).is_some());
     let vars = u32::from(get(HANDOFF_VARS_FD).is_some());
     let last = LISTEN_FDS_START + (count + channel + vars) as RawFd - 1;
-    crate::env::mark_cloexec(LISTEN_FDS_START, last);
+    crate::inherited::mark_cloexec(LISTEN_FDS_START, last);
 }

@@ -8,9 +8,10 @@ use std::cell::OnceCell;
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
-use crate::env::{name_problem, InheritedFd};
+use crate::env::name_problem;
 use crate::error::Error;
 use crate::escape::Escaped;
+use crate::inherited::InheritedFd;
 use crate::socket::{inspect, same_place, BoundPath, FdInfo, FdKind, LocalAddr};
 
 /// A request for a named fd: which kind, and where it must be bound.
@@ -294,7 +295,7 @@ impl Registry {
     /// `HANDOFF_SOCKET_PATHS` for a successor: the identity of each passed
     /// fd's socket path, if the service bound one; `None` if no fd has one.
     /// About 32 bytes per path, so thousands of them do not fit in the
-    /// environment: `spawn` then sends it in a memfd (see `env.rs`).
+    /// environment: `spawn` then sends it in a memfd (see `vars_memfd.rs`).
     pub(crate) fn socket_paths(&self) -> Option<String> {
         let passed = self.entries.iter().filter(|e| e.fd.is_some());
         if !passed.clone().any(|e| e.bound_path.is_some()) {

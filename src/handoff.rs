@@ -13,9 +13,10 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::channel::Channel;
-use crate::env::{self, StartMode};
+use crate::env::StartMode;
 use crate::error::Error;
 use crate::fds::Registry;
+use crate::inherited;
 use crate::launch::Launch;
 use crate::lifecycle::{Lifecycle, Phase};
 use crate::notify::Upstream;
@@ -156,7 +157,8 @@ impl Builder {
     /// }
     /// ```
     pub fn build(self) -> Result<Handoff, Error> {
-        let (start, inherited, channel) = env::take_from_process().ok_or(Error::AlreadyBuilt)??;
+        let (start, inherited, channel) =
+            inherited::take_from_process().ok_or(Error::AlreadyBuilt)??;
         let launch = match self.command {
             Some((program, args)) => Launch::command(program, args),
             None => Launch::this_process(),

@@ -9,6 +9,7 @@ mod accept;
 #[cfg(feature = "axum")]
 pub mod axum;
 mod channel;
+mod child;
 pub mod control;
 mod drain;
 mod early;
@@ -19,6 +20,7 @@ mod fds;
 mod handoff;
 #[cfg(feature = "hyper")]
 pub mod http;
+mod inherited;
 mod launch;
 mod lifecycle;
 mod listen;
@@ -39,6 +41,7 @@ pub mod supervisor;
 #[cfg(feature = "tonic")]
 pub mod tonic;
 mod upgrade;
+mod vars_memfd;
 mod watchdog;
 
 #[cfg(test)]

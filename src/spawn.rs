@@ -1,41 +1,33 @@
 //! Starting the successor: `fork`, lay out fds at 3.. and the environment,
-//! `execve` the binary; then watch it through a pidfd, and never leave it a
-//! zombie.
+//! `execve` the binary, and say which setup step failed if one did.
 //!
 //! Between `fork` and `execve` the child may only make async-signal-safe
 //! calls (the parent is multi-threaded), so everything it needs is built
 //! before the fork: `argv`, `envp` with a blank `LISTEN_PID=` that the child
 //! fills with its own PID, and the fd tables.
 //!
-//! What `execve` would refuse with `E2BIG` is refused before the fork, with
-//! what is too big: one string longer than `MAX_ARG_STRLEN` (128 KiB), or
-//! all of them over a quarter of `RLIMIT_STACK` (at most 6 MiB). A handoff
-//! successor gets the variables that grow with the number of fds
-//! (`LISTEN_FDNAMES`, `HANDOFF_SOCKET_PATHS`) in a sealed memfd instead when
-//! they do not fit (see `env.rs`), so thousands of listeners still hand over.
+//! What `execve` would refuse with `E2BIG` is refused before the fork (see
+//! `spawn/exec_limits.rs`). The started process is a [`Child`], watched
+//! through its pidfd (see `child.rs`).
+
+mod exec_limits;
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use nix::sys::signal::{killpg, Signal};
-use nix::sys::wait::{waitpid, WaitStatus};
-use nix::unistd::{fork, pipe2, ForkResult, Pid};
-use tokio::io::unix::AsyncFd;
+use nix::unistd::{fork, pipe2, ForkResult};
 
-use crate::env::{
-    vars_memfd, HANDOFF_VARS_FD, LISTEN_FDNAMES, LISTEN_FDS, LISTEN_FDS_START, LISTEN_PID,
-    LONG_VARS,
-};
+use crate::child::Child;
+use crate::env::{HANDOFF_VARS_FD, LISTEN_FDNAMES, LISTEN_FDS, LISTEN_FDS_START, LISTEN_PID};
 use crate::error::UpgradeError;
+use crate::vars_memfd::vars_memfd;
+use exec_limits::{check_sizes, move_long_vars, soft_limit, total_size, ExecLimits};
 
 /// Digits enough for any PID.
 const PID_DIGITS: usize = 20;
-/// Room left in the `execve` limit for what the kernel adds itself: a
-/// script's `#!` line (up to 256 bytes) and its path (up to `PATH_MAX`).
-const EXEC_MARGIN: usize = 8 * 1024;
 
 /// What to start and what to give it.
 pub(crate) struct SpawnSpec<'a> {
@@ -69,13 +61,6 @@ pub(crate) struct SpawnSpec<'a> {
     pub parent_death_signal: Option<nix::sys::signal::Signal>,
 }
 
-/// A started successor. Dropping it before [`Child::commit`] kills its
-/// process group and reaps it.
-pub(crate) struct Child {
-    pid: Pid,
-    pidfd: Option<AsyncFd<OwnedFd>>,
-}
-
 fn cstring(bytes: &[u8], what: &str) -> io::Result<CString> {
     CString::new(bytes).map_err(|_| {
         io::Error::new(
@@ -96,53 +81,6 @@ fn env_entry(key: &OsStr, value: &OsStr) -> io::Result<CString> {
 const STEP_FDS: i32 = 1;
 const STEP_CHDIR: i32 = 2;
 const STEP_EXEC: i32 = 3;
-
-/// Linux's limits on what `execve` takes; beyond them it fails with `E2BIG`.
-#[derive(Debug, Clone, Copy)]
-struct ExecLimits {
-    /// One argument or environment string, NUL included (`MAX_ARG_STRLEN`:
-    /// 32 pages).
-    string: usize,
-    /// All strings and their pointers: a quarter of the soft `RLIMIT_STACK`,
-    /// at most 6 MiB (¾ of `_STK_LIM`), at least 128 KiB (`ARG_MAX`).
-    total: usize,
-}
-
-impl ExecLimits {
-    fn of_this_process() -> Self {
-        // SAFETY: sysconf has no preconditions.
-        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
-            .unwrap_or(4096)
-            .max(4096);
-        let stack = soft_limit(|limit| {
-            // SAFETY: getrlimit writes one rlimit into the struct it is given.
-            unsafe { libc::getrlimit(libc::RLIMIT_STACK, limit) }
-        })
-        .unwrap_or(8 << 20);
-        let quarter = usize::try_from(stack / 4).unwrap_or(usize::MAX);
-        ExecLimits {
-            string: 32 * page,
-            total: quarter.clamp(128 << 10, 6 << 20),
-        }
-    }
-}
-
-/// The soft limit a `getrlimit` call in `get` reports (`RLIM_INFINITY` is
-/// `u64::MAX`).
-fn soft_limit(get: impl FnOnce(&mut libc::rlimit) -> libc::c_int) -> Option<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // rlim_t is not u64 on every target.
-    #[allow(clippy::unnecessary_cast)]
-    (get(&mut limit) == 0).then_some(limit.rlim_cur as u64)
-}
-
-/// Bytes of one `NAME=value` entry in `envp`, NUL included.
-fn entry_len(key: &str, value: &OsStr) -> usize {
-    key.len() + 1 + value.len() + 1
-}
 
 /// Everything the child needs, built before the fork.
 struct Prepared {
@@ -203,43 +141,7 @@ fn prepare_with(spec: &SpawnSpec<'_>, limits: ExecLimits) -> Result<Prepared, Up
     let inherited: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(key, _)| !replaced(key))
         .collect();
-    let pid_entries_len: usize = pid_vars
-        .iter()
-        .map(|var| var.len() + 1 + PID_DIGITS + 1)
-        .sum();
-    // What execve counts: every string with its NUL (the program path too)
-    // and a pointer for each; plus what the kernel may add.
-    let total = |extra: &[(&'static str, OsString)]| {
-        let strings = spec.program.as_os_str().len()
-            + 1
-            + spec.args.iter().map(|a| a.len() + 1).sum::<usize>()
-            + inherited
-                .iter()
-                .map(|(k, v)| k.len() + v.len() + 2)
-                .sum::<usize>()
-            + extra.iter().map(|(k, v)| entry_len(k, v)).sum::<usize>()
-            + pid_entries_len;
-        let pointers = spec.args.len() + inherited.len() + extra.len() + pid_vars.len() + 4;
-        strings + pointers * std::mem::size_of::<*const libc::c_char>() + EXEC_MARGIN
-    };
-    // The long variables that do not fit go into the memfd, largest first:
-    // each one too long alone, then as many as the total needs (counting
-    // the HANDOFF_VARS_FD entry that would announce them).
-    let announce = entry_len(HANDOFF_VARS_FD, OsStr::new("65536"))
-        + std::mem::size_of::<*const libc::c_char>();
-    let mut moved: Vec<(&'static str, OsString)> = Vec::new();
-    while let Some((i, len)) = extra
-        .iter()
-        .enumerate()
-        .filter(|(_, (k, _))| spec.vars_fd && LONG_VARS.contains(k))
-        .map(|(i, (k, v))| (i, entry_len(k, v)))
-        .max_by_key(|&(_, len)| len)
-    {
-        if len <= limits.string && total(&extra) + announce <= limits.total {
-            break;
-        }
-        moved.push(extra.remove(i));
-    }
+    let moved = move_long_vars(spec, &inherited, &mut extra, &pid_vars, limits);
     let vars = if moved.is_empty() {
         None
     } else {
@@ -259,7 +161,8 @@ fn prepare_with(spec: &SpawnSpec<'_>, limits: ExecLimits) -> Result<Prepared, Up
             )
         })?)
     };
-    check_sizes(spec, &inherited, &extra, total(&extra), limits)?;
+    let total = total_size(spec, &inherited, &extra, &pid_vars);
+    check_sizes(spec, &inherited, &extra, total, limits)?;
 
     let mut env = Vec::new();
     for (key, value) in &inherited {
@@ -304,71 +207,6 @@ fn prepare_with(spec: &SpawnSpec<'_>, limits: ExecLimits) -> Result<Prepared, Up
         // SAFETY: getpid has no preconditions.
         parent: unsafe { libc::getpid() },
     })
-}
-
-/// Refuses, before the fork, what `execve` would refuse with `E2BIG`: one
-/// string too long, or all of them (`total` bytes) too large.
-fn check_sizes(
-    spec: &SpawnSpec<'_>,
-    inherited: &[(OsString, OsString)],
-    extra: &[(&'static str, OsString)],
-    total: usize,
-    limits: ExecLimits,
-) -> Result<(), UpgradeError> {
-    // Every string with its size and what to call it.
-    let mut strings: Vec<(usize, String)> = vec![(
-        spec.program.as_os_str().len() + 1,
-        format!("the program path {}", spec.program.display()),
-    )];
-    strings.extend(
-        spec.args
-            .iter()
-            .enumerate()
-            .map(|(i, a)| (a.len() + 1, format!("argument {i}"))),
-    );
-    strings.extend(inherited.iter().map(|(k, v)| {
-        (
-            k.len() + v.len() + 2,
-            format!("environment variable {}", k.to_string_lossy()),
-        )
-    }));
-    strings.extend(
-        extra
-            .iter()
-            .map(|(k, v)| (entry_len(k, v), format!("environment variable {k}"))),
-    );
-    let hint = |what: &str| {
-        if what == format!("environment variable {LISTEN_FDNAMES}") {
-            format!(
-                "it names {} fds, and this program can only receive their names in its environment: use fewer or shorter names",
-                spec.fds.len()
-            )
-        } else if what.starts_with("argument") || what.starts_with("the program") {
-            "shorten it".to_owned()
-        } else {
-            "shorten it or remove it from the environment".to_owned()
-        }
-    };
-    if let Some((size, what)) = strings.iter().find(|(size, _)| *size > limits.string) {
-        return Err(UpgradeError::ArgumentTooLong {
-            hint: hint(what),
-            what: what.clone(),
-            size: *size,
-            limit: limits.string,
-        });
-    }
-    if total > limits.total {
-        let (size, what) = strings
-            .iter()
-            .max_by_key(|(size, _)| *size)
-            .expect("the program path is always there");
-        return Err(UpgradeError::ArgumentsTooLarge {
-            size: total,
-            limit: limits.total,
-            largest: format!("{what} ({size} bytes)"),
-        });
-    }
-    Ok(())
 }
 
 /// Runs in the child between `fork` and `execve`. Only async-signal-safe
@@ -505,13 +343,9 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> Result<Child, UpgradeError> {
     // the child's execve this fails with EACCES: it already did it.)
     let _ = nix::unistd::setpgid(pid, pid);
     // The pidfd before anything that can fail: from here on every error path
-    // kills the group and reaps the child (off this thread: see `Drop`).
-    let mut child = Child { pid, pidfd: None };
-    child.pidfd = Some(
-        open_pidfd(pid.as_raw())
-            .and_then(register)
-            .map_err(|e| UpgradeError::io("cannot open a pidfd for the new process", e))?,
-    );
+    // kills the group and reaps the child (off this thread: see `Child`'s
+    // `Drop`).
+    let child = Child::new(pid)?;
 
     // The pipe closes on a successful execve; otherwise it carries errno.
     let mut buf = Vec::new();
@@ -559,198 +393,12 @@ fn child_error(spec: &SpawnSpec<'_>, fds: usize, step: i32, errno: i32) -> Upgra
     }
 }
 
-/// A pidfd for `pid`: readable once the process has exited (Linux 5.3+).
-fn open_pidfd(pid: libc::pid_t) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd (always
-    // close-on-exec) or -1; no memory is passed.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the syscall just returned this fd to us and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
-    // SAFETY: the AsyncFd owns the OwnedFd, so the fd stays open for as long
-    // as it is registered.
-    unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)
-}
-
-impl Child {
-    pub(crate) fn pid(&self) -> u32 {
-        self.pid.as_raw() as u32
-    }
-
-    /// Resolves once the process has exited (it is then a zombie until reaped).
-    pub(crate) async fn exited(&self) {
-        if let Some(pidfd) = &self.pidfd {
-            // A pidfd becomes readable when the process exits.
-            if let Ok(mut guard) = pidfd.readable().await {
-                guard.retain_ready();
-                return;
-            }
-        }
-        std::future::pending().await
-    }
-
-    /// Kills the child's whole process group (it and anything it started).
-    pub(crate) fn kill_group(&self) {
-        self.signal_group(Signal::SIGKILL);
-    }
-
-    /// Whether the process has exited (without waiting).
-    pub(crate) fn has_exited(&self) -> bool {
-        let Some(pidfd) = &self.pidfd else {
-            return false;
-        };
-        let mut poll = libc::pollfd {
-            fd: pidfd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd; timeout 0 never blocks.
-        unsafe { libc::poll(&mut poll, 1, 0) > 0 && poll.revents & libc::POLLIN != 0 }
-    }
-
-    /// Reaps a child whose pidfd reported its exit: `waitpid` returns at once.
-    pub(crate) async fn reap(mut self) -> Option<WaitStatus> {
-        self.exited().await;
-        self.pidfd = None;
-        let pid = self.pid;
-        std::mem::forget(self);
-        loop {
-            match waitpid(pid, None) {
-                Err(nix::errno::Errno::EINTR) => continue,
-                Ok(status) => return Some(status),
-                Err(_) => return None,
-            }
-        }
-    }
-
-    /// Rolls the child back: `SIGTERM` to its group, so whatever it accepted
-    /// can be answered, then `SIGKILL` after `grace`; then reaps it and
-    /// returns how it ended.
-    pub(crate) async fn terminate(self, grace: std::time::Duration) -> Option<WaitStatus> {
-        self.signal_group(Signal::SIGTERM);
-        if tokio::time::timeout(grace, self.exited()).await.is_err() {
-            tracing::warn!(
-                pid = self.pid(),
-                grace_ms = grace.as_millis() as u64,
-                "the new process did not exit after SIGTERM; killing it"
-            );
-        }
-        // Anything the group started and left behind goes too.
-        self.kill_group();
-        self.reap().await
-    }
-
-    fn signal_group(&self, signal: Signal) {
-        // While the child is not yet reaped its PID, and so the group ID,
-        // cannot be reused, so this cannot hit an unrelated group.
-        if let Err(e) = killpg(self.pid, signal) {
-            if e != nix::errno::Errno::ESRCH {
-                tracing::warn!(pid = self.pid.as_raw(), error = %e, "cannot signal the new process group");
-            }
-        }
-    }
-
-    /// Hands the child over to a caller that reaps with `waitpid(-1)` itself
-    /// (the supervisor), with its pidfd: nothing here will wait for it or
-    /// kill it.
-    pub(crate) fn into_pidfd(mut self) -> (u32, Option<OwnedFd>) {
-        let pidfd = self.pidfd.take().map(AsyncFd::into_inner);
-        let pid = self.pid();
-        std::mem::forget(self);
-        (pid, pidfd)
-    }
-}
-
-/// A successor after the commit point: watched through its pidfd, never
-/// killed by this process (dropping it only closes the pidfd).
-pub(crate) struct Successor {
-    pid: Pid,
-    pidfd: AsyncFd<OwnedFd>,
-}
-
-impl Child {
-    /// The commit point: from here on this process never kills the child.
-    pub(crate) fn commit(mut self) -> Option<Successor> {
-        let pidfd = self.pidfd.take()?;
-        let pid = self.pid;
-        std::mem::forget(self);
-        Some(Successor { pid, pidfd })
-    }
-}
-
-impl Successor {
-    pub(crate) fn pid(&self) -> u32 {
-        self.pid.as_raw() as u32
-    }
-
-    /// A copy of its pidfd, to signal it later without naming a PID.
-    pub(crate) fn pidfd(&self) -> io::Result<OwnedFd> {
-        self.pidfd.get_ref().try_clone()
-    }
-
-    /// Resolves once the successor exited, and reaps it (the wait returns at
-    /// once then); returns how it ended.
-    pub(crate) async fn exited(&self) -> Option<WaitStatus> {
-        match self.pidfd.readable().await {
-            Ok(mut guard) => guard.retain_ready(),
-            Err(_) => std::future::pending().await,
-        }
-        loop {
-            match waitpid(self.pid, None) {
-                Err(nix::errno::Errno::EINTR) => continue,
-                Ok(status) => return Some(status),
-                Err(_) => return None,
-            }
-        }
-    }
-}
-
-impl Drop for Child {
-    /// Kills the group and reaps the child without ever blocking the caller
-    /// (which may hold a lock): the wait runs on a thread of its own.
-    fn drop(&mut self) {
-        self.kill_group();
-        self.pidfd = None;
-        let pid = self.pid;
-        let wait = move || loop {
-            match waitpid(pid, None) {
-                Err(nix::errno::Errno::EINTR) => continue,
-                _ => return,
-            }
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => drop(runtime.spawn_blocking(wait)),
-            Err(_) => drop(std::thread::spawn(wait)),
-        }
-    }
-}
-
-/// How a reaped child ended, as an upgrade error.
-pub(crate) fn exit_error(pid: u32, status: Option<WaitStatus>) -> UpgradeError {
-    match status {
-        Some(WaitStatus::Exited(_, code)) => UpgradeError::Exited { pid, code },
-        Some(WaitStatus::Signaled(_, signal, _)) => UpgradeError::Killed {
-            pid,
-            signal: signal.as_str().to_owned(),
-        },
-        other => UpgradeError::io(
-            format!("the new process (pid {pid}) ended before it was ready"),
-            io::Error::other(format!("{other:?}")),
-        ),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// A spec for `/bin/true` passing the same fd under each of `names`.
-    fn spec<'a>(
+    pub(super) fn spec<'a>(
         args: &'a [OsString],
         names: &'a [String],
         fd: BorrowedFd<'a>,
@@ -768,160 +416,6 @@ mod tests {
             ignore_sighup: false,
             parent_death_signal: None,
         }
-    }
-
-    /// The `envp` a prepared child would get, as text.
-    fn envp(prepared: &Prepared) -> Vec<String> {
-        prepared
-            ._env
-            .iter()
-            .map(|e| e.to_string_lossy().into_owned())
-            .collect()
-    }
-
-    fn long_names(count: usize) -> Vec<String> {
-        (0..count)
-            .map(|i| format!("a-listener-with-a-long-name-{i:05}"))
-            .collect()
-    }
-
-    #[test]
-    fn an_argument_too_long_for_execve_fails_before_the_fork() {
-        let args = vec![
-            OsString::from("true"),
-            OsString::from("x".repeat(200 << 10)),
-        ];
-        let stdin = std::io::stdin();
-        let spec = spec(&args, &[], std::os::fd::AsFd::as_fd(&stdin), true);
-        // spawn() itself: nothing forked, so no runtime is needed either.
-        let error = spawn(&spec).err().expect("refused");
-        assert!(
-            matches!(error, UpgradeError::ArgumentTooLong { ref what, size, .. } if what == "argument 1" && size == (200 << 10) + 1),
-            "{error:?}"
-        );
-        let message = error.to_string();
-        for part in [
-            "argument 1",
-            "204801 bytes",
-            "MAX_ARG_STRLEN",
-            "nothing was started",
-        ] {
-            assert!(message.contains(part), "{part}: {message}");
-        }
-    }
-
-    #[test]
-    fn names_that_do_not_fit_go_into_a_memfd_the_successor_reads() {
-        let names = long_names(10_000);
-        let stdin = std::io::stdin();
-        let fd = std::os::fd::AsFd::as_fd(&stdin);
-        let args = vec![OsString::from("true")];
-        let prepared = prepare(&spec(&args, &names, fd, true)).unwrap();
-        let env = envp(&prepared);
-        assert!(
-            !env.iter().any(|e| e.starts_with("LISTEN_FDNAMES=")),
-            "LISTEN_FDNAMES stays in the environment"
-        );
-        assert!(env.contains(&"LISTEN_FDS=10000".to_owned()));
-        // After the 10,000 fds at 3.. and the channel at 10003.
-        assert!(env.contains(&"HANDOFF_VARS_FD=10004".to_owned()), "{env:?}");
-        assert_eq!(prepared.sources.len(), 10_002);
-        // What the successor makes of it.
-        let get = |var: &str| {
-            env.iter()
-                .find_map(|e| e.strip_prefix(&format!("{var}=")).map(OsString::from))
-        };
-        let memfd = std::fs::File::from(prepared._vars.as_ref().unwrap().try_clone().unwrap());
-        let parsed = crate::env::parse(
-            |var| {
-                if var == LISTEN_PID {
-                    Some("100".into())
-                } else if var == crate::env::HANDOFF_GENERATION {
-                    Some("2".into())
-                } else if var == crate::env::HANDOFF_CHANNEL_FD {
-                    Some("10003".into()) // set by the upgrade, not by spawn
-                } else {
-                    get(var)
-                }
-            },
-            100,
-            |at| {
-                assert_eq!(at, 10_004);
-                crate::env::read_vars(&memfd)
-            },
-        )
-        .unwrap();
-        let got: Vec<String> = parsed
-            .fds
-            .into_iter()
-            .filter_map(|(_, name)| name)
-            .collect();
-        assert_eq!(got, names);
-
-        // Few names stay in the environment, for any socket-activation reader.
-        let few = long_names(3);
-        let prepared = prepare(&spec(&args, &few, fd, true)).unwrap();
-        assert!(prepared._vars.is_none());
-        assert!(envp(&prepared).contains(&format!("LISTEN_FDNAMES={}", few.join(":"))));
-    }
-
-    #[test]
-    fn a_program_that_only_reads_the_environment_gets_an_error_naming_the_variable() {
-        let names = long_names(10_000);
-        let stdin = std::io::stdin();
-        let args = vec![OsString::from("true")];
-        let error = prepare(&spec(
-            &args,
-            &names,
-            std::os::fd::AsFd::as_fd(&stdin),
-            false,
-        ))
-        .err()
-        .expect("refused");
-        let message = error.to_string();
-        for part in [
-            "environment variable LISTEN_FDNAMES",
-            "it names 10000 fds",
-            "fewer or shorter names",
-        ] {
-            assert!(message.contains(part), "{part}: {message}");
-        }
-    }
-
-    #[test]
-    fn the_total_counts_and_the_long_variables_move_to_fit_it() {
-        let limits = ExecLimits {
-            string: 128 << 10,
-            total: (std::env::vars_os()
-                .map(|(k, v)| k.len() + v.len() + 10)
-                .sum::<usize>())
-                + EXEC_MARGIN
-                + (100 << 10),
-        };
-        let stdin = std::io::stdin();
-        let fd = std::os::fd::AsFd::as_fd(&stdin);
-        // Each string fits, together they do not.
-        let args: Vec<OsString> = std::iter::once("true".into())
-            .chain((0..3).map(|i| OsString::from(format!("{i}").repeat(40 << 10))))
-            .collect();
-        let error = prepare_with(&spec(&args, &[], fd, true), limits)
-            .err()
-            .expect("refused");
-        assert!(
-            matches!(error, UpgradeError::ArgumentsTooLarge { ref largest, .. } if largest.starts_with("argument ")),
-            "{error:?}"
-        );
-        assert!(error.to_string().contains("RLIMIT_STACK"), "{error}");
-        // 2,000 names (72 KB) fit in one string, but not beside a 60 KB
-        // argument: they move to the memfd, and the rest fits.
-        let names = long_names(2_000);
-        let args = vec![OsString::from("true"), OsString::from("y".repeat(60 << 10))];
-        let prepared = prepare_with(&spec(&args, &names, fd, true), limits).unwrap();
-        assert!(prepared._vars.is_some(), "the names stayed");
-        assert!(!envp(&prepared)
-            .iter()
-            .any(|e| e.starts_with("LISTEN_FDNAMES=")));
-        assert!(prepare_with(&spec(&args, &names, fd, false), limits).is_err());
     }
 
     #[test]

@@ -13,6 +13,7 @@ use nix::sys::wait::WaitStatus;
 use tokio::sync::{broadcast, oneshot};
 
 use crate::channel::{self, Channel};
+use crate::child::{exit_error, Child, Successor};
 use crate::env::{
     HANDOFF_CHANNEL_FD, HANDOFF_GENERATION, HANDOFF_NOTIFY_UPSTREAM, HANDOFF_SOCKET_PATHS,
     LISTEN_FDS_START, MAX_GENERATION,
@@ -21,7 +22,7 @@ use crate::error::UpgradeError;
 use crate::escape::Escaped;
 use crate::handoff::{lock, Handoff, SuccessorLink};
 use crate::lifecycle::Phase;
-use crate::spawn::{exit_error, spawn, Child, SpawnSpec, Successor};
+use crate::spawn::{spawn, SpawnSpec};
 use crate::watchdog::{WATCHDOG_PID, WATCHDOG_USEC};
 
 /// What happened to an upgrade, as told to [`Handoff::upgrade_events`] subscribers.
