@@ -13,8 +13,9 @@ use tokio::io::unix::AsyncFd;
 
 use crate::error::UpgradeError;
 
-/// A started successor. Dropping it before [`Child::commit`] kills its
-/// process group and reaps it.
+/// A started process: a handoff successor, or a child of the supervisor.
+/// Dropping it before [`Child::commit`] kills its process group and reaps
+/// it.
 pub(crate) struct Child {
     pid: Pid,
     pidfd: Option<AsyncFd<OwnedFd>>,

@@ -78,7 +78,7 @@ fn mark_inherited_cloexec(values: &Snapshot) {
         return;
     }
     let count = get(LISTEN_FDS).unwrap_or(0);
-    if count == 0 || count > 65_536 {
+    if count == 0 || count as usize > crate::env::MAX_FDS {
         return;
     }
     // The channel follows the fds, and the memfd of long variables (see

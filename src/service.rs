@@ -75,8 +75,9 @@ impl Handoff {
     async fn handover(&self, successor: u32) {
         let inner = &self.inner;
         // A successor that upgraded in turn before its parent handed over
-        // to it is not main yet: systemd would refuse its MAINPID=.
-        if !inner.watchdog.wait_main(BARRIER_TIMEOUT).await {
+        // to it is not main yet: systemd would refuse its MAINPID=. (Without
+        // systemd there is no one to wait for.)
+        if inner.upstream.addr().is_some() && !inner.watchdog.wait_main(BARRIER_TIMEOUT).await {
             tracing::warn!(
                 pid = inner.pid,
                 successor,
