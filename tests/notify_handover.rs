@@ -7,6 +7,7 @@
 
 mod common;
 
+use common::http::{KeepAlive, Response};
 use common::notify::Manager;
 use common::{is_zombie, signal, wait_exit, Options, Server, TempDir, DEADLINE};
 
@@ -55,6 +56,33 @@ fn handover(manager: &Manager, from: usize, first: u32, successor: u32) -> usize
     barrier
 }
 
+/// Once the signal is passed on, the successor (main now) tells systemd
+/// `RELOADING=1` itself and upgrades to a generation of its own.
+fn successor_upgrades(manager: &Manager, server: &Server, barrier: usize, second: u32) {
+    let reloading = manager.wait(barrier + 1, "RELOADING=1 from the successor", |m| {
+        m.has("RELOADING=1")
+    });
+    manager.with(reloading, |m| assert_eq!(m.pid, second));
+    let (_, line) = server
+        .events
+        .wait(0, DEADLINE, "the successor's own upgrade", |l| {
+            l.is("upgrade succeeded") && l.num("pid") == u64::from(second)
+        });
+    assert_ne!(line.num("successor") as u32, second);
+}
+
+/// A `GET /sleep?ms=MS` to the first generation, waited for until it is in
+/// its handler.
+fn slow_request(server: &Server, ms: u64) -> std::thread::JoinHandle<Result<Response, String>> {
+    let addr = server.addr();
+    let path = format!("/sleep?ms={ms}");
+    let slow = std::thread::spawn(move || KeepAlive::new(addr).get(&path));
+    server
+        .events
+        .wait(0, DEADLINE, "the slow request", |l| l.is("sleeping"));
+    slow
+}
+
 fn alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid)
 }
@@ -90,16 +118,7 @@ fn in_the_probation_it_is_passed_on_once_systemd_knows_the_successor() {
         "the successor upgraded before systemd knew it as the main process"
     );
     drop(answer);
-    let reloading = manager.wait(barrier + 1, "RELOADING=1 from the successor", |m| {
-        m.has("RELOADING=1")
-    });
-    manager.with(reloading, |m| assert_eq!(m.pid, second));
-    let (_, line) = server
-        .events
-        .wait(0, DEADLINE, "the successor's own upgrade", |l| {
-            l.is("upgrade succeeded") && l.num("pid") == u64::from(second)
-        });
-    assert_ne!(line.num("successor") as u32, second);
+    successor_upgrades(&manager, &server, barrier, second);
     assert_eq!(wait_exit(first, DEADLINE), Some(Some(0)));
 }
 
@@ -111,11 +130,7 @@ fn in_the_drain_after_the_probation_it_is_passed_on_too() {
     let dir = TempDir::new("handover-drain");
     let (manager, server) = start(&dir, &["--probation", "0"]);
     let first = server.first_pid;
-    let addr = server.addr();
-    let slow = std::thread::spawn(move || common::http::KeepAlive::new(addr).get("/sleep?ms=4000"));
-    server
-        .events
-        .wait(0, DEADLINE, "the slow request", |l| l.is("sleeping"));
+    let slow = slow_request(&server, 4000);
     let (second, committed) = first_upgrade(&manager, &server);
     server
         .events
@@ -124,15 +139,7 @@ fn in_the_drain_after_the_probation_it_is_passed_on_too() {
         });
     signal(first, libc::SIGHUP);
     let barrier = handover(&manager, committed + 1, first, second);
-    let reloading = manager.wait(barrier + 1, "RELOADING=1 from the successor", |m| {
-        m.has("RELOADING=1")
-    });
-    manager.with(reloading, |m| assert_eq!(m.pid, second));
-    server
-        .events
-        .wait(0, DEADLINE, "the successor's own upgrade", |l| {
-            l.is("upgrade succeeded") && l.num("pid") == u64::from(second)
-        });
+    successor_upgrades(&manager, &server, barrier, second);
     let response = slow.join().unwrap().expect("the slow request completes");
     assert_eq!((response.status, response.pid()), (200, Some(first)));
     assert_eq!(wait_exit(first, DEADLINE), Some(Some(0)));
@@ -150,11 +157,7 @@ fn once_systemd_knows_the_successor_a_crash_is_not_taken_back() {
     let first = server.first_pid;
     // The old process drains a slow request, so it is still there when the
     // successor, which aborts 1 s after it says ready, dies.
-    let addr = server.addr();
-    let slow = std::thread::spawn(move || common::http::KeepAlive::new(addr).get("/sleep?ms=3000"));
-    server
-        .events
-        .wait(0, DEADLINE, "the slow request", |l| l.is("sleeping"));
+    let slow = slow_request(&server, 3000);
     server.inject_fault("http_server", "abort-after-ready=1000");
     let (second, committed) = first_upgrade(&manager, &server);
     server.restore_binary("http_server");
