@@ -17,25 +17,6 @@ use common::{wait_exit, Line, Options, Server, DEADLINE};
 
 const EXAMPLE: &str = "axum_server";
 
-/// The generations' PIDs after `upgrades` upgrades under load: each one
-/// checked by a new connection that the successor must answer.
-fn upgrade_many(server: &Server, upgrades: usize, mut between: impl FnMut()) -> Vec<u32> {
-    let mut pids = vec![server.first_pid];
-    for _ in 0..upgrades {
-        let new = server.upgrade_ok();
-        let response = get(server.addr(), "/").expect("GET / after the upgrade");
-        assert_eq!(
-            response.pid(),
-            Some(new),
-            "new connections go to the successor"
-        );
-        assert!(!pids.contains(&new), "each upgrade starts a new process");
-        pids.push(new);
-        between();
-    }
-    pids
-}
-
 /// 8 HTTP/1.1 clients (4 connecting per request, 4 keep-alive), every other
 /// request a `POST /echo` of 1 to 8 KB of varying bytes, through 20
 /// upgrades: no request fails, none is retried, every echo is exact.
@@ -44,7 +25,7 @@ fn http1_gets_and_posts_through_20_upgrades_lose_nothing() {
     let server = Server::start(EXAMPLE);
     let load = Load::start_mixed(server.addr(), 4, 4, true);
     load.wait_for_more(200);
-    let pids = upgrade_many(&server, 20, || load.wait_for_more(100));
+    let pids = server.upgrade_many(20, || load.wait_for_more(100));
     let stats = load.stop();
     println!(
         "axum http/1.1: {} requests ok ({} POSTs echoing {} KB exactly), {} failed, {} retries, {} PIDs answered",
@@ -83,7 +64,7 @@ fn http2_streams_through_20_upgrades_lose_nothing() {
     let server = Server::start(EXAMPLE);
     let load = h2load::H2Load::start(server.addr(), 4, 4);
     load.wait_for_more(200);
-    let pids = upgrade_many(&server, 20, || load.wait_for_more(100));
+    let pids = server.upgrade_many(20, || load.wait_for_more(100));
     let stats = load.stop();
 
     // Every /sleep handler the generations began printed `sleeping ... ms=0`

@@ -321,6 +321,26 @@ impl Server {
         new
     }
 
+    /// Runs `upgrades` upgrades with `between` after each; the generations'
+    /// PIDs, oldest first. Each new generation must answer a new
+    /// connection, and each is a new process.
+    pub fn upgrade_many(&self, upgrades: usize, mut between: impl FnMut()) -> Vec<u32> {
+        let mut pids = vec![self.first_pid];
+        for _ in 0..upgrades {
+            let new = self.upgrade_ok();
+            let response = http::get(self.addr(), "/").expect("GET / after the upgrade");
+            assert_eq!(
+                response.pid(),
+                Some(new),
+                "new connections go to the successor"
+            );
+            assert!(!pids.contains(&new), "each upgrade starts a new process");
+            pids.push(new);
+            between();
+        }
+        pids
+    }
+
     /// After a run of upgrades through `pids` (oldest first): exactly the
     /// last one is left, and only these generations answered.
     pub fn assert_generations(&self, pids: &[u32], answered: &std::collections::BTreeSet<u32>) {
